@@ -417,7 +417,8 @@ def _describe(value: Any) -> str:
 
 
 def _json_path(loc: tuple[str | int, ...]) -> str:
-    parts = [str(part) for part in loc if part != "[key]"]
+    # An empty key would vanish between two dots; show it as "" instead.
+    parts = [str(part) or '""' for part in loc if part != "[key]"]
     return ".".join(parts) if parts else "$"
 
 
