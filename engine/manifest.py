@@ -62,7 +62,17 @@ class ManifestError(ValueError):
 
 
 def _problems_error(items: list[tuple[str, str]]) -> PydanticCustomError:
-    return PydanticCustomError(_PROBLEMS_ERROR, "{summary}", {"problems": items, "summary": ""})
+    return PydanticCustomError(_PROBLEMS_ERROR, "manifest problems", {"problems": items})
+
+
+def _describe(value: Any) -> str:
+    """A short JSON rendering of a value the user wrote, for "got ..." in messages."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- single-value checks (raise ValueError with a message meant for the user) ---------------
@@ -71,7 +81,7 @@ def _problems_error(items: list[tuple[str, str]]) -> PydanticCustomError:
 def _check_slug(value: str) -> str:
     if not _SLUG_RE.fullmatch(value):
         raise ValueError(
-            f"must match ^[a-z0-9_-]+$ (lowercase letters, digits, _ and -), got {value!r}"
+            f"must match ^[a-z0-9_-]+$ (lowercase letters, digits, _ and -), got {_describe(value)}"
         )
     return value
 
@@ -84,13 +94,13 @@ def _check_non_empty(value: str) -> str:
 
 def _check_endpoint_name(value: str) -> str:
     if not _ENDPOINT_NAME_RE.fullmatch(value):
-        raise ValueError(f"endpoint names must match ^[a-zA-Z0-9_-]+$, got {value!r}")
+        raise ValueError(f"endpoint names must match ^[a-zA-Z0-9_-]+$, got {_describe(value)}")
     return value
 
 
 def _check_endpoint_path(value: str) -> str:
     if not _ENDPOINT_PATH_RE.fullmatch(value):
-        raise ValueError(f"must match ^/[a-zA-Z0-9_/-]+$ (start with /), got {value!r}")
+        raise ValueError(f"must match ^/[a-zA-Z0-9_/-]+$ (start with /), got {_describe(value)}")
     return value
 
 
@@ -105,9 +115,9 @@ def collection_name_error(name: str) -> str | None:
     if not name:
         return "a collection name must not be empty"
     if "$" in name or "\x00" in name:
-        return f"a collection name must not contain '$' or NUL, got {name!r}"
+        return f"a collection name must not contain '$' or NUL, got {_describe(name)}"
     if name.startswith("system."):
-        return f"a collection name must not start with 'system.', got {name!r}"
+        return f"a collection name must not start with 'system.', got {_describe(name)}"
     return None
 
 
@@ -121,9 +131,9 @@ def _check_collection_name(value: str) -> str:
 def _check_prefix(value: str) -> str:
     # The prefix starts every physical name, so it obeys the same rules (an empty one is fine).
     if "$" in value or "\x00" in value:
-        raise ValueError(f"must not contain '$' or NUL, got {value!r}")
+        raise ValueError(f"must not contain '$' or NUL, got {_describe(value)}")
     if value.startswith("system."):
-        raise ValueError(f"must not start with 'system.', got {value!r}")
+        raise ValueError(f"must not start with 'system.', got {_describe(value)}")
     return value
 
 
@@ -133,7 +143,7 @@ def _check_database(value: str) -> str:
         raise ValueError("a database name must not be empty")
     if bad:
         shown = " ".join(repr(char) for char in bad)
-        raise ValueError(f"a database name must not contain {shown}, got {value!r}")
+        raise ValueError(f"a database name must not contain {shown}, got {_describe(value)}")
     if len(value.encode()) > _DATABASE_MAX_BYTES:
         raise ValueError(f"a database name must be at most {_DATABASE_MAX_BYTES} bytes")
     return value
@@ -142,16 +152,18 @@ def _check_database(value: str) -> str:
 def _check_origin(value: str) -> str:
     # Browsers send Origin as scheme://host[:port]; a path or trailing slash would never match.
     if value != "*" and not _ORIGIN_RE.fullmatch(value):
-        raise ValueError(f"must be '*' or an origin like 'https://example.com', got {value!r}")
+        raise ValueError(
+            f"must be '*' or an origin like 'https://example.com', got {_describe(value)}"
+        )
     return value
 
 
 def _check_field_path(value: str) -> str:
     parts = value.split(".")
     if not value or any(not part for part in parts):
-        raise ValueError(f"must be a field path like 'a' or 'a.b', got {value!r}")
+        raise ValueError(f"must be a field path like 'a' or 'a.b', got {_describe(value)}")
     if any(part.startswith("$") for part in parts):
-        raise ValueError(f"a field path must not start with '$', got {value!r}")
+        raise ValueError(f"a field path must not start with '$', got {_describe(value)}")
     return value
 
 
@@ -405,15 +417,6 @@ _TYPE_MESSAGES = {
     "model_attributes_type": "must be an object",
     "list_type": "must be an array",
 }
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    text = json.dumps(value, default=repr)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_path(loc: tuple[str | int, ...]) -> str:

@@ -557,7 +557,7 @@ def test_prefix_and_collection_must_make_a_valid_name() -> None:
     data = {**app(watch={"tem.x": {}, "ok": {}}), "data": {"collection_prefix": "sys"}}
     problem = only_problem(data)
     assert problem.path == f"{EP}.watch.tem.x"
-    assert "'system.x'" in problem.message
+    assert '"system.x"' in problem.message
 
 
 @pytest.mark.parametrize("origin", ["https://a.example/", "a.example", "https://a.example/app", ""])
@@ -755,7 +755,7 @@ def test_show_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}: {EP}.path: must match ^/[a-zA-Z0-9_/-]+$ (start with /), got 'ws'"
+        f'{path}: {EP}.path: must match ^/[a-zA-Z0-9_/-]+$ (start with /), got "ws"'
     ]
 
 
