@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine.query import QueryError, validate_query
+
 OPERATIONS: tuple[str, ...] = ("insert", "update", "replace", "delete")
 
 Operation = Literal["insert", "update", "replace", "delete"]
@@ -177,8 +179,6 @@ Origin = Annotated[str, AfterValidator(_check_origin)]
 
 
 def _check_query(value: dict[str, Any], *, allow_placeholders: bool) -> dict[str, Any]:
-    from engine.query import QueryError, validate_query  # TEMP until query.py lands
-
     try:
         validate_query(value, allow_placeholders=allow_placeholders)
     except QueryError as err:
@@ -420,9 +420,14 @@ _TYPE_MESSAGES = {
 
 
 def _json_path(loc: tuple[str | int, ...]) -> str:
-    # An empty key would vanish between two dots; show it as "" instead.
-    parts = [str(part) or '""' for part in loc if part != "[key]"]
-    return ".".join(parts) if parts else "$"
+    # Array items as [n] (as query paths show them); an empty key as "" so it stays visible.
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "[key]":
+            path += ("." if path else "") + (part or '""')
+    return path or "$"
 
 
 def _model_at(parent: tuple[str | int, ...]) -> type[BaseModel] | None:

@@ -447,8 +447,8 @@ def test_operations_subset() -> None:
     [
         ([], "operations", "must list at least one of insert, update, replace, delete"),
         (["insert", "insert"], "operations", "lists insert more than once"),
-        (["insert", "upsert"], "operations.1", 'got "upsert"'),
-        (["Insert"], "operations.0", "must be 'insert', 'update', 'replace' or 'delete'"),
+        (["insert", "upsert"], "operations[1]", 'got "upsert"'),
+        (["Insert"], "operations[0]", "must be 'insert', 'update', 'replace' or 'delete'"),
         ("insert", "operations", "must be an array"),
     ],
 )
@@ -481,13 +481,13 @@ def test_good_collection_name(name: str) -> None:
 @pytest.mark.parametrize(
     ("fields", "path", "message"),
     [
-        ([""], "fields.0", "must be a field path"),
-        (["a", "$b"], "fields.1", "must not start with '$'"),
-        (["a.$b"], "fields.0", "must not start with '$'"),
-        (["a..b"], "fields.0", "must be a field path"),
-        (["a."], "fields.0", "must be a field path"),
+        ([""], "fields[0]", "must be a field path"),
+        (["a", "$b"], "fields[1]", "must not start with '$'"),
+        (["a.$b"], "fields[0]", "must not start with '$'"),
+        (["a..b"], "fields[0]", "must be a field path"),
+        (["a."], "fields[0]", "must be a field path"),
         (["a", "a.b"], "fields", "'a' and 'a.b' overlap"),
-        ([3], "fields.0", "must be a string, got 3"),
+        ([3], "fields[0]", "must be a string, got 3"),
         ("title", "fields", "must be an array"),
     ],
 )
@@ -506,6 +506,75 @@ def test_filter_and_scope_must_be_objects() -> None:
     problems = problems_of(binding(filter=[{"a": 1}], scope="owner"))
     assert [problem.path for problem in problems] == [f"{EP}.watch.t.filter", f"{EP}.watch.t.scope"]
     assert all(problem.message.startswith("must be an object") for problem in problems)
+
+
+# --- filter and scope: the query operator whitelist -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "subpath", "operator"),
+    [
+        ({"$where": "this.a == 1"}, "$where", "$where"),
+        ({"$expr": {"$eq": ["$a", "$b"]}}, "$expr", "$expr"),
+        ({"a": {"$function": {"body": "x", "args": [], "lang": "js"}}}, "a.$function", "$function"),
+        ({"status": {"$where": "1"}}, "status.$where", "$where"),
+        ({"$and": [{"a": 1}, {"b": {"$where": "1"}}]}, "$and[1].b.$where", "$where"),
+        ({"a": {"$not": {"$expr": 1}}}, "a.$not.$expr", "$expr"),
+    ],
+)
+@pytest.mark.parametrize("key", ["filter", "scope"])
+def test_forbidden_query_operators(
+    key: str, query: dict[str, Any], subpath: str, operator: str
+) -> None:
+    problem = only_problem(binding(**{key: query}))
+    assert problem.path == f"{EP}.watch.t.{key}.{subpath}"
+    assert problem.message.startswith(f"operator {operator} is not allowed")
+
+
+def test_allowed_query_operators() -> None:
+    query = {
+        "a.b": {"$elemMatch": {"c": {"$gt": 1, "$lte": 9}}},
+        "$or": [{"x": {"$in": [1, 2]}}, {"y": {"$exists": False}}],
+        "$nor": [{"tags": {"$all": ["a"], "$size": 2}}],
+        "name": {"$regex": "^a", "$options": "i", "$ne": "abc"},
+        "n": {"$not": {"$gte": 3}, "$nin": [7], "$eq": 4, "$lt": 10},
+        "$and": [{"archived": {"$ne": True}}],
+    }
+    watch = parse_manifest(binding(filter=query)).websockets["rt"].watch["t"]
+    assert watch.filter == query
+
+
+def test_malformed_filter_is_reported_with_its_path() -> None:
+    problem = only_problem(binding(filter={"a": {"$in": 3}}))
+    assert problem.path == f"{EP}.watch.t.filter.a.$in"
+
+
+def test_scope_placeholders() -> None:
+    scope = {"owner_id": "$user.id", "email": "$user.email", "team": {"$in": ["$claims.team"]}}
+    assert parse_manifest(binding(scope=scope)).websockets["rt"].watch["t"].scope == scope
+
+
+def test_unknown_scope_placeholder() -> None:
+    problem = only_problem(binding(scope={"owner_id": "$user.name"}))
+    assert problem.path == f"{EP}.watch.t.scope.owner_id"
+    assert "$user.id" in problem.message
+
+
+def test_placeholders_only_in_scope() -> None:
+    problem = only_problem(binding(filter={"owner_id": "$user.id"}))
+    assert problem.path == f"{EP}.watch.t.filter.owner_id"
+    assert "scope" in problem.message
+
+
+def test_query_problems_come_with_the_others() -> None:
+    data = binding(filter={"$where": "1"}, scope={"$expr": 1}, operations=[])
+    data["websockets"]["rt"]["ping_interval"] = 1
+    assert paths_of(data) == [
+        f"{EP}.ping_interval",
+        f"{EP}.watch.t.operations",
+        f"{EP}.watch.t.filter.$where",
+        f"{EP}.watch.t.scope.$expr",
+    ]
 
 
 # --- data and cors --------------------------------------------------------------------------
@@ -563,7 +632,7 @@ def test_prefix_and_collection_must_make_a_valid_name() -> None:
 @pytest.mark.parametrize("origin", ["https://a.example/", "a.example", "https://a.example/app", ""])
 def test_bad_cors_origin(origin: str) -> None:
     problem = only_problem({**app(), "cors": {"allow_origins": ["*", origin]}})
-    assert problem.path == "cors.allow_origins.1"
+    assert problem.path == "cors.allow_origins[1]"
 
 
 def test_good_cors_origins() -> None:
