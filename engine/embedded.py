@@ -101,7 +101,7 @@ class EmbeddedDatabase:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,
             env=env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at this point
+            preexec_fn=_die_with_parent,
         )
         self._wait_until_ready()
 

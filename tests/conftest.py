@@ -1,4 +1,4 @@
-"""Shared fixtures: a real database (SecantusDB child process, or MONGODB_URI) and engine servers."""
+"""Shared fixtures: a real database (SecantusDB child process or MONGODB_URI), engine servers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.embedded import EmbeddedDatabase
+from tests.support import TEST_MANIFESTS, ServerProcess, app_under_test_command, engine_env
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -46,3 +47,28 @@ def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="module")
+def app_server(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The test app (engine + handlers + app code) on the test manifests, one per module."""
+    folder = tmp_path_factory.mktemp("app_server")
+    env = engine_env(
+        mongo_uri,
+        folder,
+        MDB_REALTIME_DB=f"t_{uuid.uuid4().hex[:12]}",
+        TEST_MANIFESTS=str(TEST_MANIFESTS),
+        **APP_SERVER_LIMITS,
+    )
+    server = ServerProcess(app_under_test_command(), env, folder / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# Small queues so the slow-consumer test overflows quickly; generous enough for the others.
+APP_SERVER_LIMITS = {
+    "MDB_REALTIME_QUEUE_MAX_MESSAGES": "500",
+    "MDB_REALTIME_QUEUE_MAX_BYTES": str(1024 * 1024),
+}

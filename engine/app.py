@@ -1,0 +1,228 @@
+"""MongoDBEngine: registers apps from manifests, mounts their endpoints, runs the realtime parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
+
+from engine.auth import TokenVerifier
+from engine.endpoint import Endpoint, EndpointSettings
+from engine.hub import WebSocketConnectionManager
+from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
+from engine.metrics import EngineMetrics
+from engine.realtime import MessageHandler, Realtime, claim_realtime
+from engine.settings import DEFAULT_DB_NAME, EngineSettings
+from engine.transport import TransportAbortMiddleware
+
+logger = logging.getLogger("engine.app")
+
+READY_TIMEOUT_SECONDS = 2.0
+
+
+class RegistrationError(ValueError):
+    """An app cannot be registered next to the ones already registered."""
+
+
+class MongoDBEngine:
+    """One engine per process: a MongoDB client, the registered apps and their connections."""
+
+    def __init__(
+        self,
+        mongo_uri: str | None = None,
+        db_name: str | None = None,
+        *,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        self.mongo_uri = mongo_uri or os.environ.get("MONGODB_URI")
+        self.db_name = db_name or os.environ.get("MDB_REALTIME_DB") or DEFAULT_DB_NAME
+        self.settings = settings or EngineSettings.from_env()
+        self.realtime: Realtime = claim_realtime()
+        self.metrics = EngineMetrics(self.realtime)
+        self._apps: dict[str, Manifest] = {}
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Connect to MongoDB and start the realtime machinery."""
+        if self._running:
+            return
+        if not self.mongo_uri:
+            raise ValueError("no MongoDB URI: pass mongo_uri or set MONGODB_URI")
+        self._client = AsyncMongoClient(self.mongo_uri)
+        await self._client.admin.command("ping")
+        self.realtime.start()
+        self._running = True
+        logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
+
+    async def shutdown(self) -> None:
+        self._running = False
+        await self.realtime.stop()
+        for connection in list(self.realtime.connections()):
+            connection.close(1001, "server shutting down")
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[None]:
+        await self.initialize()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    # -- apps ----------------------------------------------------------------------------------
+
+    async def load_manifest(self, path: str | Path) -> dict[str, Any]:
+        """Read and validate a manifest file; the manifest with defaults filled, as a dict."""
+        return load_manifest_file(path).to_document()
+
+    async def register_app(self, manifest: Mapping[str, Any] | Manifest) -> bool:
+        self.add_app(manifest)
+        return True
+
+    def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:
+        """Register an app (synchronous form of `register_app`)."""
+        parsed = manifest if isinstance(manifest, Manifest) else parse_manifest(dict(manifest))
+        if parsed.slug in self._apps:
+            raise RegistrationError(f"app {parsed.slug!r} is already registered")
+        for other in self._apps.values():
+            self._refuse_overlap(parsed, other)
+        self._apps[parsed.slug] = parsed
+        self.realtime.manager(parsed.slug)
+        logger.info("registered app %r (%d endpoint(s))", parsed.slug, len(parsed.websockets))
+        return parsed
+
+    def _refuse_overlap(self, new: Manifest, other: Manifest) -> None:
+        new_db, other_db = (
+            new.physical_database(self.db_name),
+            other.physical_database(self.db_name),
+        )
+        new_prefix, other_prefix = new.physical_collection(""), other.physical_collection("")
+        if new_db == other_db and (
+            new_prefix.startswith(other_prefix) or other_prefix.startswith(new_prefix)
+        ):
+            raise RegistrationError(
+                f"app {new.slug!r} would share collections with app {other.slug!r}: "
+                f"prefixes {new_prefix!r} and {other_prefix!r} overlap in database {new_db!r}; "
+                "set data.collection_prefix or data.database in one of the manifests"
+            )
+
+    def app_manifest(self, slug: str) -> Manifest:
+        try:
+            return self._apps[slug]
+        except KeyError:
+            raise KeyError(f"no app {slug!r} is registered") from None
+
+    @property
+    def apps(self) -> dict[str, Manifest]:
+        return dict(self._apps)
+
+    def collection(self, slug: str, name: str) -> AsyncCollection[dict[str, Any]]:
+        """The physical collection behind collection `name` of app `slug`, for writes."""
+        if self._client is None:
+            raise RuntimeError("the engine is not initialized: await engine.initialize() first")
+        manifest = self.app_manifest(slug)
+        database = self._client[manifest.physical_database(self.db_name)]
+        return database[manifest.physical_collection(name)]
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @cached_property
+    def verifier(self) -> TokenVerifier:
+        return self.settings.verifier()
+
+    def register_websocket_routes(self, app: FastAPI, slug: str) -> list[str]:
+        """Mount every endpoint of app `slug` at `/<slug><path>`; the mounted paths."""
+        manifest = self.app_manifest(slug)
+        mounted = []
+        for name, config in manifest.websockets.items():
+            endpoint = Endpoint(
+                EndpointSettings(
+                    app_slug=slug,
+                    name=name,
+                    path=config.path,
+                    require_auth=config.auth.required,
+                    allow_anonymous=config.auth.allow_anonymous,
+                    ping_interval=config.ping_interval,
+                    allowed_origins=_allowed_origins(manifest),
+                    max_message_bytes=self.settings.max_message_bytes,
+                    queue_limits=self.settings.queue_limits,
+                ),
+                self.realtime,
+                lambda: self.verifier,
+            )
+            route = f"/{slug}{config.path}"
+            app.router.add_websocket_route(route, endpoint.__call__, name=f"{slug}:{name}")
+            mounted.append(route)
+        return mounted
+
+    def register_message_handler(self, slug: str, endpoint: str, handler: MessageHandler) -> None:
+        self.realtime.register_handler(slug, endpoint, handler)
+
+    def get_websocket_manager(self, slug: str) -> WebSocketConnectionManager:
+        return self.realtime.manager(slug)
+
+    async def broadcast_to_app(
+        self, slug: str, message: dict[str, Any], user_id: str | None = None
+    ) -> int:
+        return await self.realtime.broadcast(slug, message, user_id)
+
+    def create_app(self, manifests_dir: str | Path | None = None) -> FastAPI:
+        """A FastAPI app serving every manifest in `manifests_dir`, with health routes."""
+        app = FastAPI(title="mdb-realtime", lifespan=self.lifespan)
+        app.add_middleware(TransportAbortMiddleware)
+        app.state.engine = self
+        if manifests_dir is not None:
+            for path in find_manifests(manifests_dir):
+                manifest = self.add_app(load_manifest_file(path))
+                self.register_websocket_routes(app, manifest.slug)
+        self.add_health_routes(app)
+        return app
+
+    def add_health_routes(self, app: FastAPI) -> None:
+        app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
+
+    async def _healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def _readyz(self) -> JSONResponse:
+        problems = await self.readiness_problems()
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def readiness_problems(self) -> list[str]:
+        if self._client is None or not self._running:
+            return ["engine not started"]
+        try:
+            await asyncio.wait_for(self._client.admin.command("ping"), READY_TIMEOUT_SECONDS)
+        except (PyMongoError, TimeoutError) as error:
+            return [f"MongoDB does not answer: {type(error).__name__}"]
+        return []
+
+    async def _metrics(self) -> PlainTextResponse:
+        body, content_type = self.metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+
+def _allowed_origins(manifest: Manifest) -> tuple[str, ...] | None:
+    if manifest.cors is None or not manifest.cors.allow_origins:
+        return None
+    return tuple(manifest.cors.allow_origins)

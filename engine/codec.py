@@ -1,0 +1,51 @@
+"""JSON encoding of messages, with BSON values turned into plain JSON (SPEC 5)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+import orjson
+from bson import Binary, Code, DBRef, Decimal128, MaxKey, MinKey, ObjectId, Regex, Timestamp
+
+_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
+def _bson_default(value: Any) -> Any:
+    """JSON form of values orjson does not know: called only for those, so the common path is C."""
+    if isinstance(value, ObjectId | Decimal128):
+        return str(value)
+    if isinstance(value, Timestamp):
+        return value.as_datetime()
+    if isinstance(value, bytes | Binary):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Regex):
+        return value.pattern
+    if isinstance(value, Code):
+        return str(value)
+    if isinstance(value, DBRef):
+        return value.as_doc().to_dict()
+    if isinstance(value, MinKey | MaxKey):
+        return type(value).__name__
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    pattern = getattr(value, "pattern", None)
+    if isinstance(pattern, str):  # compiled re.Pattern
+        return pattern
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def dumps(message: Any) -> str:
+    """Encode a message as JSON text. Raises TypeError for values that have no JSON form."""
+    return orjson.dumps(message, default=_bson_default, option=_OPTIONS).decode("utf-8")
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON text; raises ValueError (orjson.JSONDecodeError) on bad input."""
+    return orjson.loads(text)
+
+
+def utc_now_iso() -> str:
+    """Current time as ISO-8601 UTC with a trailing Z, the form every timestamp takes."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

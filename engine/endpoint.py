@@ -1,0 +1,250 @@
+"""The WebSocket endpoint: origin check, authentication, the receive loop, app handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from engine import codec, protocol
+from engine.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_token
+from engine.hub import QueueLimits, WebSocketConnection
+from engine.protocol import CloseCode, CloseReason, ErrorCode
+from engine.realtime import Realtime
+from engine.transport import scope_abort
+
+logger = logging.getLogger("engine.endpoint")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+CLOSE_GRACE_SECONDS = 5.0  # how long a closing peer has to read its close frame
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Everything one WebSocket endpoint needs to know about itself."""
+
+    app_slug: str
+    name: str
+    path: str
+    require_auth: bool = True
+    allow_anonymous: bool = False
+    ping_interval: int = 30
+    allowed_origins: tuple[str, ...] | None = None  # None: any Origin
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    queue_limits: QueueLimits = field(default_factory=QueueLimits)
+
+
+# A hook for protocol message types the engine answers itself (subscribe, unsubscribe).
+ProtocolHandler = Callable[[WebSocketConnection, dict[str, Any]], None]
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None) -> bool:
+    """Browsers always send Origin; other clients may not, and are not cross-site attackers."""
+    if allowed is None or origin is None:
+        return True
+    return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+
+
+def authenticate(
+    settings: EndpointSettings,
+    verifier: TokenVerifier,
+    query_params: Mapping[str, str],
+    headers: Mapping[str, str],
+) -> Principal:
+    """The connection's principal; AuthError when it must be refused.
+
+    A token that is present is always verified, even where anonymous access is allowed.
+    """
+    token = extract_token(query_params, headers)
+    if token is None:
+        if settings.require_auth and not settings.allow_anonymous:
+            raise AuthError(CloseReason.AUTH_REQUIRED)
+        return ANONYMOUS
+    return verifier.verify(token, settings.app_slug)
+
+
+class Endpoint:
+    """An ASGI WebSocket route handler for one manifest endpoint."""
+
+    def __init__(
+        self,
+        settings: EndpointSettings,
+        realtime: Realtime,
+        verifier: Callable[[], TokenVerifier],
+        protocol_handlers: Mapping[str, ProtocolHandler] | None = None,
+        on_connect: Callable[[WebSocketConnection], None] | None = None,
+        on_disconnect: Callable[[WebSocketConnection], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.realtime = realtime
+        self._verifier = verifier
+        self._protocol_handlers = dict(protocol_handlers or {})
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, websocket: WebSocket) -> None:
+        settings = self.settings
+        if not origin_allowed(websocket.headers.get("origin"), settings.allowed_origins):
+            # Closing before accept makes the server answer the handshake with HTTP 403.
+            await websocket.close(code=CloseCode.POLICY_VIOLATION)
+            return
+        try:
+            principal = authenticate(
+                settings, self._verifier(), websocket.query_params, websocket.headers
+            )
+        except AuthError as refused:
+            await websocket.accept()
+            await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=str(refused.reason))
+            return
+        await websocket.accept()
+        connection = self._open(websocket, principal)
+        try:
+            await self._receive_loop(websocket, connection)
+        finally:
+            self.realtime.manager(settings.app_slug).remove(connection)
+            if self._on_disconnect is not None:
+                self._on_disconnect(connection)
+
+    def _open(self, websocket: WebSocket, principal: Principal) -> WebSocketConnection:
+        settings = self.settings
+        connection = WebSocketConnection(
+            websocket=websocket,
+            app_slug=settings.app_slug,
+            user_id=principal.user_id,
+            user_email=principal.email,
+            endpoint=settings.name,
+            principal=principal,
+            ping_interval=settings.ping_interval,
+        )
+        manager = self.realtime.manager(settings.app_slug)
+        connection.start(
+            websocket.send_text,
+            _closer(websocket),
+            settings.queue_limits,
+            on_close=lambda closed, _code: manager.remove(closed),
+        )
+        # `connected` is queued before the connection is visible, so it always comes first.
+        connection.send_message(
+            protocol.connected_message(
+                app_slug=settings.app_slug,
+                endpoint=settings.name,
+                connection_id=connection.connection_id,
+                user_id=principal.user_id,
+                user_email=principal.email,
+                ping_interval=settings.ping_interval,
+            )
+        )
+        manager.add(connection)
+        self.realtime.start()
+        if self._on_connect is not None:
+            self._on_connect(connection)
+        return connection
+
+    async def _receive_loop(self, websocket: WebSocket, connection: WebSocketConnection) -> None:
+        while not connection.closing:
+            try:
+                frame = await websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if frame["type"] == "websocket.disconnect":
+                return
+            connection.last_received = time.monotonic()
+            if connection.closing:  # closed by the server meanwhile: process nothing more
+                return
+            await self._handle_frame(websocket, connection, frame)
+
+    async def _handle_frame(
+        self, websocket: WebSocket, connection: WebSocketConnection, frame: Mapping[str, Any]
+    ) -> None:
+        message = self._decode(connection, frame)
+        if message is None:
+            return
+        kind = message["type"]
+        if kind == protocol.PONG:
+            return
+        protocol_handler = self._protocol_handlers.get(kind)
+        if protocol_handler is not None:
+            protocol_handler(connection, message)
+            return
+        handler = self.realtime.handler(self.settings.app_slug, self.settings.name)
+        if handler is None:
+            _reply_error(
+                connection,
+                ErrorCode.UNKNOWN_TYPE,
+                f"no handler for message type {kind!r} on this endpoint",
+                message,
+            )
+            return
+        try:
+            await handler(websocket, message, connection)
+        except Exception:
+            logger.exception(
+                "message handler of %s/%s failed on type %r",
+                self.settings.app_slug,
+                self.settings.name,
+                kind,
+            )
+            _reply_error(connection, ErrorCode.HANDLER_ERROR, "the message handler failed", message)
+
+    def _decode(
+        self, connection: WebSocketConnection, frame: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The frame as a JSON object with a string `type`, or None after an error reply."""
+        text = frame.get("text")
+        if text is None:
+            _reply_error(connection, ErrorCode.BAD_MESSAGE, "binary frames are not supported")
+            return None
+        limit = self.settings.max_message_bytes
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            _reply_error(
+                connection, ErrorCode.BAD_MESSAGE, f"message larger than {limit} bytes dropped"
+            )
+            return None
+        try:
+            message = codec.loads(text)
+        except ValueError:
+            _reply_error(connection, ErrorCode.BAD_MESSAGE, "message is not valid JSON")
+            return None
+        if not isinstance(message, dict):
+            _reply_error(connection, ErrorCode.BAD_MESSAGE, "message must be a JSON object")
+            return None
+        if not isinstance(message.get("type"), str):
+            _reply_error(
+                connection, ErrorCode.BAD_MESSAGE, "message needs a string `type`", message
+            )
+            return None
+        return message
+
+
+def _reply_error(
+    connection: WebSocketConnection,
+    code: ErrorCode,
+    text: str,
+    message: Mapping[str, Any] | None = None,
+) -> None:
+    ref = message.get("id") if message is not None else None
+    if not isinstance(ref, str | int | float | None) or isinstance(ref, bool):
+        ref = None
+    connection.send_message(protocol.error_message(code, text, ref))
+
+
+def _closer(websocket: WebSocket) -> Callable[[int, str], Awaitable[None]]:
+    abort = scope_abort(websocket.scope)
+
+    async def close(code: int, reason: str) -> None:
+        try:
+            if websocket.application_state is WebSocketState.CONNECTED:
+                await asyncio.wait_for(
+                    websocket.close(code=code, reason=reason), CLOSE_GRACE_SECONDS
+                )
+        finally:
+            # A peer that stopped reading never receives the close frame: cut the socket.
+            if abort is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, abort)
+
+    return close

@@ -1,0 +1,69 @@
+"""Logging set-up that never lets a token into a log line.
+
+URLs are logged with their query string replaced, and anything shaped like a JWT is masked,
+whoever logs it (uvicorn's access and error lines included).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import re
+from typing import Any
+
+REDACTED = "[redacted]"
+_QUERY_IN_URL = re.compile(r"(/[^\s\"'?]*)\?[^\s\"']*")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """The text with URL query strings and JWT-shaped strings removed."""
+    return _JWT.sub(REDACTED, _QUERY_IN_URL.sub(rf"\1?{REDACTED}", text))
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's final message; attached to handlers so it sees every logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def logging_config(level: str = "INFO") -> dict[str, Any]:
+    """A dictConfig for the engine and uvicorn with redaction on every handler."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": RedactingFilter}},
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "plain",
+                "filters": ["redact"],
+            },
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.access": {"handlers": [], "level": level, "propagate": True},
+        },
+    }
+
+
+def install_redaction(level: str = "INFO") -> None:
+    """Make sure every handler redacts; configure plain stderr logging if none is set up."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.config.dictConfig(logging_config(level))
+        return
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -1,0 +1,1 @@
+"""mdb-engine compatible routing names."""

@@ -1,0 +1,106 @@
+"""The mdb-engine WebSocket API (`mdb_engine.routing.websockets`), same names and meaning.
+
+Module-level functions act on the default realtime state, which the first `MongoDBEngine`
+of the process adopts; handlers may be registered before or after any engine exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from engine.auth import AuthError
+from engine.endpoint import Endpoint, EndpointSettings, authenticate
+from engine.hub import WebSocketConnection, WebSocketConnectionManager
+from engine.protocol import CloseCode
+from engine.realtime import MessageHandler, default_realtime
+from engine.settings import EngineSettings
+
+__all__ = [
+    "WebSocketConnection",
+    "WebSocketConnectionManager",
+    "authenticate_websocket",
+    "broadcast_to_app",
+    "create_websocket_endpoint",
+    "get_message_handler",
+    "get_websocket_manager",
+    "register_message_handler",
+]
+
+
+async def get_websocket_manager(app_slug: str) -> WebSocketConnectionManager:
+    """The connection manager of an app on this process."""
+    return default_realtime().manager(app_slug)
+
+
+def get_websocket_manager_sync(app_slug: str) -> WebSocketConnectionManager:
+    return default_realtime().manager(app_slug)
+
+
+async def broadcast_to_app(
+    app_slug: str, message: dict[str, Any], user_id: str | None = None
+) -> int:
+    """Send `message` to the app's clients (or one user's); the connections reached here."""
+    return await default_realtime().broadcast(app_slug, message, user_id)
+
+
+def register_message_handler(app_slug: str, endpoint_name: str, handler: MessageHandler) -> None:
+    """Handle client messages on an endpoint: `async def h(websocket, message[, connection])`."""
+    default_realtime().register_handler(app_slug, endpoint_name, handler)
+
+
+def get_message_handler(app_slug: str, endpoint_name: str) -> MessageHandler | None:
+    registered = default_realtime().handler(app_slug, endpoint_name)
+    return registered.func if registered is not None else None
+
+
+async def authenticate_websocket(
+    websocket: WebSocket, app_slug: str, require_auth: bool = True
+) -> tuple[str | None, str | None]:
+    """(user_id, user_email) of a handshake; (None, None) without a token.
+
+    Raises WebSocketDisconnect(1008) for a token that is present but refused, or when a
+    token is required and missing.
+    """
+    settings = EndpointSettings(app_slug=app_slug, name="", path="", require_auth=require_auth)
+    try:
+        principal = authenticate(
+            settings,
+            EngineSettings.from_env().verifier(),
+            websocket.query_params,
+            websocket.headers,
+        )
+    except AuthError as refused:
+        raise WebSocketDisconnect(CloseCode.POLICY_VIOLATION, str(refused.reason)) from None
+    return principal.user_id, principal.email
+
+
+def create_websocket_endpoint(
+    app_slug: str,
+    path: str,
+    endpoint_name: str,
+    handler: MessageHandler | None = None,
+    require_auth: bool = True,
+    ping_interval: int = 30,
+) -> Callable[[WebSocket], Awaitable[None]]:
+    """A route handler for one endpoint, to mount with `app.add_websocket_route(path, ...)`."""
+    state = default_realtime()
+    if handler is not None:
+        state.register_handler(app_slug, endpoint_name, handler)
+    env_settings = EngineSettings.from_env()
+    endpoint = Endpoint(
+        EndpointSettings(
+            app_slug=app_slug,
+            name=endpoint_name,
+            path=path,
+            require_auth=require_auth,
+            ping_interval=ping_interval,
+            max_message_bytes=env_settings.max_message_bytes,
+            queue_limits=env_settings.queue_limits,
+        ),
+        state,
+        env_settings.verifier,
+    )
+    return endpoint.__call__

@@ -1,0 +1,58 @@
+"""Engine configuration: defaults, environment variables, and the token verifier they imply."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.auth import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
+from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
+from engine.hub import QueueLimits
+
+DEFAULT_DATA_DIR = ".mdb-realtime"
+DEFAULT_DB_NAME = "mdb_realtime"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Settings shared by every app an engine serves."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    jwt_secret: str | None = None  # None: resolved from the environment or the data folder
+    jwt_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    queue_limits: QueueLimits = field(default_factory=QueueLimits)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
+        env = os.environ if environ is None else environ
+        algorithms = tuple(
+            a.strip() for a in env.get("MDB_REALTIME_JWT_ALGORITHMS", "HS256").split(",") if a
+        )
+        return cls(
+            data_dir=Path(env.get("MDB_REALTIME_DATA_DIR") or DEFAULT_DATA_DIR),
+            jwt_algorithms=algorithms or DEFAULT_ALGORITHMS,
+            max_message_bytes=_int(
+                env, "MDB_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
+            ),
+            queue_limits=QueueLimits(
+                max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
+                max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),
+            ),
+        )
+
+    def verifier(self) -> TokenVerifier:
+        secret = self.jwt_secret or resolve_secret(self.data_dir)
+        return TokenVerifier(secret=secret, algorithms=self.jwt_algorithms)

@@ -1,0 +1,98 @@
+"""An app as users write it: engine, manifests, handlers, app code that broadcasts.
+
+Run as `python -m tests.apps.app_under_test`; prints its URL like `mdb-realtime serve`.
+Test-only HTTP routes let tests trigger app code (broadcasts) inside the server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.websockets import WebSocket
+
+from engine import (
+    MongoDBEngine,
+    WebSocketConnection,
+    broadcast_to_app,
+    get_websocket_manager,
+    register_message_handler,
+)
+from engine.cli import serve_app
+from engine.settings import EngineSettings
+
+
+# Registered before any engine exists, as mdb-engine apps often do at import time.
+async def echo(websocket: WebSocket, message: dict[str, Any]) -> None:
+    if message["type"] == "explode":
+        raise RuntimeError("handler failure on purpose")
+    manager = await get_websocket_manager("alpha")
+    await manager.send_to_connection(websocket, {"type": "echo", "received": message})
+
+
+register_message_handler("alpha", "realtime", echo)
+
+
+async def whoami(
+    websocket: WebSocket, message: dict[str, Any], connection: WebSocketConnection
+) -> None:
+    manager = await get_websocket_manager("alpha")
+    await manager.send_to_connection(
+        websocket,
+        {"type": "you_are", "user_id": connection.user_id, "endpoint": connection.endpoint},
+    )
+
+
+def build() -> FastAPI:
+    engine = MongoDBEngine(os.environ["MONGODB_URI"], os.environ["MDB_REALTIME_DB"])
+    app = engine.create_app(Path(os.environ["TEST_MANIFESTS"]))
+    # Registered after the routes: handlers are looked up per message.
+    register_message_handler("alpha", "events", whoami)
+
+    @app.post("/_test/broadcast")
+    async def broadcast(body: dict[str, Any]) -> dict[str, int]:
+        reached = await broadcast_to_app(body["slug"], body["message"], body.get("user_id"))
+        return {"reached": reached}
+
+    @app.post("/_test/broadcast_bson/{slug}")
+    async def broadcast_bson(slug: str) -> dict[str, int]:
+        import datetime as dt
+
+        from bson import Decimal128, ObjectId
+
+        message = {
+            "type": "bson",
+            "oid": ObjectId("0123456789abcdef01234567"),
+            "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+            "amount": Decimal128("12.50"),
+        }
+        return {"reached": await broadcast_to_app(slug, message)}
+
+    @app.post("/_test/flood/{slug}")
+    async def flood(slug: str, body: dict[str, int]) -> dict[str, int]:
+        """`count` broadcasts of `size` bytes as fast as app code can call it."""
+        padding = "x" * body["size"]
+        reached = 0
+        for seq in range(body["count"]):
+            reached += await broadcast_to_app(slug, {"type": "flood", "seq": seq, "pad": padding})
+            if seq % 100 == 0:
+                await asyncio.sleep(0)
+        return {"reached": reached}
+
+    @app.get("/_test/counts/{slug}")
+    async def counts(slug: str, user: str | None = None) -> dict[str, int]:
+        manager = await get_websocket_manager(slug)
+        return {
+            "total": manager.get_connection_count(),
+            "user": manager.get_connection_count_by_user(user) if user else 0,
+        }
+
+    return app
+
+
+if __name__ == "__main__":
+    app = build()
+    asyncio.run(serve_app(app, "127.0.0.1", 0, "websockets-sansio", EngineSettings.from_env(), 0))
