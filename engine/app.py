@@ -23,8 +23,10 @@ from engine.hub import WebSocketConnectionManager
 from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
 from engine.metrics import EngineMetrics
 from engine.realtime import MessageHandler, Realtime, claim_realtime
+from engine.router import Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
 from engine.transport import TransportAbortMiddleware
+from engine.watcher import Watcher, enable_pre_images
 
 logger = logging.getLogger("engine.app")
 
@@ -50,6 +52,8 @@ class MongoDBEngine:
         self.settings = settings or EngineSettings.from_env()
         self.realtime: Realtime = claim_realtime()
         self.metrics = EngineMetrics(self.realtime)
+        self.router = Router()
+        self._watchers: dict[str, Watcher] = {}
         self._apps: dict[str, Manifest] = {}
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._running = False
@@ -66,10 +70,14 @@ class MongoDBEngine:
         await self._client.admin.command("ping")
         self.realtime.start()
         self._running = True
+        await self._sync_watchers()
         logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
 
     async def shutdown(self) -> None:
         self._running = False
+        for watcher in self._watchers.values():
+            await watcher.stop()
+        self._watchers.clear()
         await self.realtime.stop()
         for connection in list(self.realtime.connections()):
             connection.close(1001, "server shutting down")
@@ -93,6 +101,8 @@ class MongoDBEngine:
 
     async def register_app(self, manifest: Mapping[str, Any] | Manifest) -> bool:
         self.add_app(manifest)
+        if self._running:
+            await self._sync_watchers()
         return True
 
     def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:
@@ -103,6 +113,7 @@ class MongoDBEngine:
         for other in self._apps.values():
             self._refuse_overlap(parsed, other)
         self._apps[parsed.slug] = parsed
+        self.router.add_app(parsed, self.db_name)
         self.realtime.manager(parsed.slug)
         logger.info("registered app %r (%d endpoint(s))", parsed.slug, len(parsed.websockets))
         return parsed
@@ -165,6 +176,9 @@ class MongoDBEngine:
                 ),
                 self.realtime,
                 lambda: self.verifier,
+                protocol_handlers=self.router.protocol_handlers(),
+                on_connect=self.router.attach,
+                on_disconnect=self.router.detach,
             )
             route = f"/{slug}{config.path}"
             app.router.add_websocket_route(route, endpoint.__call__, name=f"{slug}:{name}")
@@ -211,11 +225,35 @@ class MongoDBEngine:
     async def readiness_problems(self) -> list[str]:
         if self._client is None or not self._running:
             return ["engine not started"]
+        problems = [
+            f"change stream on {name!r} is not running ({watcher.last_error or 'starting'})"
+            for name, watcher in self._watchers.items()
+            if not watcher.running
+        ]
         try:
             await asyncio.wait_for(self._client.admin.command("ping"), READY_TIMEOUT_SECONDS)
         except (PyMongoError, TimeoutError) as error:
-            return [f"MongoDB does not answer: {type(error).__name__}"]
-        return []
+            problems.insert(0, f"MongoDB does not answer: {type(error).__name__}")
+        return problems
+
+    # -- change streams ------------------------------------------------------------------------
+
+    async def _sync_watchers(self) -> None:
+        """One watcher per database with bound collections, watching exactly those."""
+        assert self._client is not None
+        for database, collections in self.router.namespaces().items():
+            await enable_pre_images(self._client[database], collections)
+            watcher = self._watchers.get(database)
+            if watcher is None:
+                watcher = Watcher(self._client, database, collections, self.router.route)
+                self._watchers[database] = watcher
+                await watcher.start()
+            elif watcher.collections != collections:
+                await watcher.watch(collections)
+
+    @property
+    def watchers(self) -> dict[str, Watcher]:
+        return dict(self._watchers)
 
     async def _metrics(self) -> PlainTextResponse:
         body, content_type = self.metrics.render()

@@ -93,6 +93,7 @@ class WebSocketConnection:
     last_ping_sent: float = 0.0
     outbox: Outbox | None = None
     closing: bool = False
+    views: dict[str, Any] = field(default_factory=dict)  # collection -> router.View
     _writer: asyncio.Task[None] | None = None
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None

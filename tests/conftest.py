@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from engine.embedded import EmbeddedDatabase
-from tests.support import TEST_MANIFESTS, ServerProcess, app_under_test_command, engine_env
+from tests.support import (
+    CHANGE_MANIFESTS,
+    TEST_MANIFESTS,
+    ServerProcess,
+    app_under_test_command,
+    engine_env,
+)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -49,22 +56,44 @@ def data_dir(tmp_path: Path) -> Path:
     return folder
 
 
+@dataclass
+class RunningApp:
+    """An engine server process and the database it serves."""
+
+    server: ServerProcess
+    mongo_uri: str
+    db_name: str
+
+
+def start_app_server(mongo_uri: str, folder: Path, manifests: Path, **extra_env: str) -> RunningApp:
+    db = f"t_{uuid.uuid4().hex[:12]}"
+    env = engine_env(
+        mongo_uri, folder, MDB_REALTIME_DB=db, TEST_MANIFESTS=str(manifests), **extra_env
+    )
+    server = ServerProcess(app_under_test_command(), env, folder / "server.log").start()
+    return RunningApp(server, mongo_uri, db)
+
+
 @pytest.fixture(scope="module")
 def app_server(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The test app (engine + handlers + app code) on the test manifests, one per module."""
     folder = tmp_path_factory.mktemp("app_server")
-    env = engine_env(
-        mongo_uri,
-        folder,
-        MDB_REALTIME_DB=f"t_{uuid.uuid4().hex[:12]}",
-        TEST_MANIFESTS=str(TEST_MANIFESTS),
-        **APP_SERVER_LIMITS,
-    )
-    server = ServerProcess(app_under_test_command(), env, folder / "server.log").start()
+    running = start_app_server(mongo_uri, folder, TEST_MANIFESTS, **APP_SERVER_LIMITS)
     try:
-        yield server
+        yield running.server
     finally:
-        server.stop()
+        running.server.stop()
+
+
+@pytest.fixture(scope="module")
+def change_app(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """The test app on manifests with `watch` bindings, one per module."""
+    folder = tmp_path_factory.mktemp("change_app")
+    running = start_app_server(mongo_uri, folder, CHANGE_MANIFESTS)
+    try:
+        yield running
+    finally:
+        running.server.stop()
 
 
 # Small queues so the slow-consumer test overflows quickly; generous enough for the others.

@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MANIFESTS = REPO / "tests" / "manifests"
+CHANGE_MANIFESTS = REPO / "tests" / "manifests_changes"
 URL_LINE = re.compile(r"on (http://\S+)")
 
 

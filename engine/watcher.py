@@ -1,0 +1,191 @@
+"""Tails one database's change stream and hands every data change to the router.
+
+One stream per database: its pipeline matches exactly the bound namespaces and operations, so
+MongoDB filters before anything crosses the network. Transient errors reconnect with backoff
+and resume from the last position; an invalidated stream is restarted after the invalidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CollectionInvalid, OperationFailure, PyMongoError
+
+from engine.changes import LIFECYCLE_OPERATIONS, ChangeEvent, normalize
+
+logger = logging.getLogger("engine.watcher")
+
+INITIAL_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 5.0
+OPEN_TIMEOUT_SECONDS = 15.0
+MAX_AWAIT_MS = 500  # how long one empty poll waits for events; bounds reopen latency
+# Server answers that mean "this resume position cannot be used any more".
+_POSITION_LOST_CODES = frozenset({260, 280, 286})
+
+EventSink = Callable[[ChangeEvent], Any]
+
+
+def build_pipeline(collections: Mapping[str, frozenset[str]]) -> list[dict[str, Any]]:
+    """A $match on exactly these collections and, for each, its operations."""
+    clauses: list[dict[str, Any]] = [
+        {"ns.coll": name, "operationType": {"$in": sorted(operations)}}
+        for name, operations in sorted(collections.items())
+    ]
+    clauses.append({"operationType": {"$in": sorted(LIFECYCLE_OPERATIONS)}})
+    return [{"$match": {"$or": clauses}}]
+
+
+class Watcher:
+    def __init__(
+        self,
+        client: AsyncMongoClient[dict[str, Any]],
+        database: str,
+        collections: Mapping[str, frozenset[str]],
+        sink: EventSink,
+        resume_token: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.client = client
+        self.database = database
+        self.collections = dict(collections)
+        self.sink = sink
+        self.resume_token: Mapping[str, Any] | None = resume_token
+        self.last_error: str | None = None
+        self._start_after = False  # the token is an invalidate event's
+        self._task: asyncio.Task[None] | None = None
+        self._open = asyncio.Event()
+        self._restart = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._open.is_set() and self._task is not None and not self._task.done()
+
+    async def start(self, timeout: float = OPEN_TIMEOUT_SECONDS) -> None:
+        """Start tailing and wait until the stream is open: writes after this are seen."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"watcher-{self.database}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._open.wait(), timeout)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        self._open.clear()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def watch(self, collections: Mapping[str, frozenset[str]]) -> None:
+        """Change what is watched; the stream reopens at its current position (no gap)."""
+        self.collections = dict(collections)
+        if self._task is not None and not self._task.done():
+            self._open.clear()
+            self._restart.set()
+            await self.start()
+
+    async def _run(self) -> None:
+        backoff = INITIAL_BACKOFF_SECONDS
+        while True:
+            try:
+                await self._tail()
+                backoff = INITIAL_BACKOFF_SECONDS
+            except asyncio.CancelledError:
+                raise
+            except PyMongoError as error:
+                self._open.clear()
+                self.last_error = f"{type(error).__name__}: {error}"
+                if self._position_lost(error):
+                    continue
+                logger.warning(
+                    "change stream on %r failed (%s); retrying in %.1f s",
+                    self.database,
+                    self.last_error,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+
+    def _position_lost(self, error: PyMongoError) -> bool:
+        if not isinstance(error, OperationFailure) or error.code not in _POSITION_LOST_CODES:
+            return False
+        logger.error(
+            "change stream on %r cannot resume from its position (%s); restarting from now",
+            self.database,
+            error,
+        )
+        self.resume_token, self._start_after = None, False
+        return True
+
+    async def _tail(self) -> None:
+        options: dict[str, Any] = {
+            "full_document": "updateLookup",
+            "full_document_before_change": "whenAvailable",
+            "max_await_time_ms": MAX_AWAIT_MS,
+        }
+        if self.resume_token is not None:
+            options["start_after" if self._start_after else "resume_after"] = self.resume_token
+        database = self.client[self.database]
+        self._restart.clear()
+        async with await database.watch(build_pipeline(self.collections), **options) as stream:
+            self._start_after = False
+            if self.resume_token is None:
+                self.resume_token = stream.resume_token  # resume from here, not from "now"
+            self.last_error = None
+            self._open.set()
+            while not self._restart.is_set():
+                raw = await stream.try_next()
+                if raw is None:
+                    if stream.resume_token is not None:
+                        self.resume_token = stream.resume_token
+                    continue
+                if self._handle(raw):
+                    self.resume_token = stream.resume_token
+                else:
+                    return
+
+    def _handle(self, raw: Mapping[str, Any]) -> bool:
+        """Deliver one raw change; False when the stream must be reopened."""
+        operation = raw.get("operationType")
+        if operation in LIFECYCLE_OPERATIONS:
+            namespace = raw.get("ns") or {}
+            logger.warning("change stream on %r saw %s of %s", self.database, operation, namespace)
+            if operation == "invalidate":
+                self.resume_token, self._start_after = raw["_id"], True
+                self._open.clear()
+                return False
+            return True
+        event = normalize(raw)
+        if event is not None:
+            try:
+                self.sink(event)
+            except Exception:
+                logger.exception(
+                    "routing a change of %s.%s failed", event.database, event.collection
+                )
+        return True
+
+
+async def enable_pre_images(database: AsyncDatabase[dict[str, Any]], names: Iterable[str]) -> None:
+    """Record pre-images on watched collections, so deletes and updates that leave a scope are
+    checked against the document as it was. Where the server refuses, the router falls back
+    to remembering what each connection was sent."""
+    existing = set(await database.list_collection_names())
+    for name in names:
+        try:
+            if name not in existing:
+                with contextlib.suppress(CollectionInvalid):
+                    await database.create_collection(name)
+            await database.command("collMod", name, changeStreamPreAndPostImages={"enabled": True})
+        except PyMongoError as error:
+            logger.warning(
+                "pre-images unavailable on %s.%s (%s): deletes in scoped bindings rely on "
+                "what each connection was sent",
+                database.name,
+                name,
+                error,
+            )
