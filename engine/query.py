@@ -161,6 +161,8 @@ _SUBCLASS_RANKS: Final = (
     (datetime.datetime, _DATE),
 )
 _ARRAYS: Final = (list, tuple)
+# Types whose Python equality is MongoDB's equality between two values of that same type.
+_PLAIN_TYPES: Final = frozenset({str, int, float, bool, ObjectId})
 
 
 def _rank(value: Any) -> int:
@@ -457,25 +459,32 @@ def _negate(predicate: Predicate) -> Predicate:
 
 
 def _all_of(predicates: list[Predicate]) -> Predicate:
-    if len(predicates) == 1:
-        return predicates[0]
-    chain = tuple(predicates)
+    # Chained pairs rather than all(...) over a generator: this runs once per event.
+    if not predicates:
+        return _always
+    first, rest = predicates[0], predicates[1:]
+    if not rest:
+        return first
+    second = _all_of(rest)
 
-    def all_match(value: Any) -> bool:
-        return all(predicate(value) for predicate in chain)
+    def both(value: Any) -> bool:
+        return first(value) and second(value)
 
-    return all_match
+    return both
 
 
 def _any_of(predicates: list[Predicate]) -> Predicate:
-    if len(predicates) == 1:
-        return predicates[0]
-    chain = tuple(predicates)
+    if not predicates:
+        return _never
+    first, rest = predicates[0], predicates[1:]
+    if not rest:
+        return first
+    second = _any_of(rest)
 
-    def any_match(value: Any) -> bool:
-        return any(predicate(value) for predicate in chain)
+    def either(value: Any) -> bool:
+        return first(value) or second(value)
 
-    return any_match
+    return either
 
 
 def _none_of(predicates: list[Predicate]) -> Predicate:
@@ -496,13 +505,16 @@ def _equals(expected: Any) -> Predicate:
     if key is None:
         rank = _rank(expected)
         return lambda value: _rank(value) == rank and _compare_same_rank(value, expected, rank) == 0
-    if type(expected) is str:
-        return lambda value: value == expected if type(value) is str else _hash_key(value) == key
+    kind = type(expected)
+    if kind in _PLAIN_TYPES and expected == expected:
+        # Same plain type: Python's == is MongoDB's equality (NaN goes through its key).
+        return lambda value: value == expected if type(value) is kind else _hash_key(value) == key
     return lambda value: _hash_key(value) == key
 
 
 def _membership(values: list[Any], patterns: list[Predicate]) -> Predicate:
     has_null = any(value is None for value in values)
+    strings = {str(value) for value in values if _rank(value) == _STRING}
     keys: set[Hashable] = set()
     others: list[Any] = []
     for value in values:
@@ -513,6 +525,8 @@ def _membership(values: list[Any], patterns: list[Predicate]) -> Predicate:
             keys.add(key)
 
     def is_member(value: Any) -> bool:
+        if type(value) is str and value in strings:
+            return True
         if value is None or value is _MISSING:
             return has_null
         key = _hash_key(value)
@@ -847,7 +861,7 @@ class _Compiler:
         if not isinstance(query, Mapping):
             raise QueryError(f"a query must be an object, not {_type_name(query)}", path)
         clauses = [self._clause(key, value, _join(path, str(key))) for key, value in query.items()]
-        return _all_of(clauses) if clauses else _always
+        return _all_of(clauses)
 
     def _clause(self, key: object, value: Any, path: str) -> Predicate:
         if not isinstance(key, str):

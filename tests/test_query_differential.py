@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from bson import Decimal128, Int64, ObjectId, Regex
+from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex
+from bson.timestamp import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import MongoClient
@@ -65,7 +66,16 @@ SCALARS: list[Any] = [
     ObjectId("65a000000000000000000002"),
     datetime.datetime(2024, 1, 1),
     datetime.datetime(2024, 6, 1, 12, 30, 0, 250000),
+    b"ab",
+    Binary(b"ab", 5),
+    Timestamp(5, 1),
+    MinKey(),
+    MaxKey(),
+    Code("a"),
 ]
+# Regular expressions stored as values; filters get theirs from `regexes` (a regex argument to
+# $ne or $gt is an error, not a value).
+STORED_REGEXES = [Regex("^a"), Regex("^a", "i")]
 KEYS = ["a", "b", "c"]
 FLAT_PATHS = ["a", "b", "c", "a.0", "b.1"]
 NESTED_PATHS = ["a", "b", "a.b", "a.c", "b.a", "a.0", "a.1", "a.b.c", "a.0.b", "a.b.0", "a.0.0"]
@@ -75,6 +85,7 @@ OPTIONS = ["", "i", "m", "s", "x", "im"]
 # Half the draws come from a few common values, so that filters and documents meet often.
 COMMON = [None, 1, 2, "a", "ab", True]
 scalars = st.sampled_from(COMMON) | st.sampled_from(SCALARS)
+stored_scalars = scalars | st.sampled_from(STORED_REGEXES)
 regexes = st.builds(Regex, st.sampled_from(PATTERNS), st.sampled_from(OPTIONS))
 
 
@@ -88,13 +99,14 @@ def _containers(children: Strategy[Any]) -> Strategy[Any]:
 
 def _no_array_in_array(children: Strategy[Any]) -> Strategy[Any]:
     # ELEM_MATCH_ON_NESTED_ARRAYS: array elements are scalars or subdocuments.
-    element = scalars | _subdocuments(children)
+    element = stored_scalars | _subdocuments(children)
     return st.lists(element, max_size=3) | _subdocuments(children)
 
 
-nested_values = st.recursive(scalars, _containers, max_leaves=6)
-flat_values = scalars | st.lists(scalars, max_size=3)
-no_array_in_array_values = st.recursive(scalars, _no_array_in_array, max_leaves=6)
+nested_values = st.recursive(stored_scalars, _containers, max_leaves=6)
+flat_values = stored_scalars | st.lists(stored_scalars, max_size=3)
+flat_arguments = scalars | st.lists(scalars, max_size=3)
+no_array_in_array_values = st.recursive(stored_scalars, _no_array_in_array, max_leaves=6)
 # Filter arguments: smaller than documents, so equality with whole arrays and subdocuments hits.
 nested_arguments = st.recursive(scalars, _containers, max_leaves=2)
 
@@ -218,7 +230,7 @@ SETTINGS = settings(
     ],
 )
 
-flat_filters = FilterGrammar(flat_values, FLAT_PATHS, elem_match_queries=False).queries()
+flat_filters = FilterGrammar(flat_arguments, FLAT_PATHS, elem_match_queries=False).queries()
 nested_filters = FilterGrammar(nested_arguments, NESTED_PATHS, elem_match_queries=False).queries()
 elem_match_filters = FilterGrammar(
     nested_arguments, NESTED_PATHS, elem_match_queries=True
