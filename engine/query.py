@@ -31,6 +31,7 @@ import enum
 import operator
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from decimal import Decimal
 from re import _constants as _sre_constants  # type: ignore[attr-defined]
@@ -43,6 +44,7 @@ from bson.timestamp import Timestamp
 
 __all__ = [
     "ALLOWED_OPERATORS",
+    "MAX_QUERY_DEPTH",
     "MAX_REGEX_LENGTH",
     "PLACEHOLDER_PATTERN",
     "Matcher",
@@ -79,6 +81,8 @@ _LOGICAL_OPERATORS: Final = frozenset({"$and", "$or", "$nor"})
 _FIELD_OPERATORS: Final = (ALLOWED_OPERATORS - _LOGICAL_OPERATORS) | {"$options"}
 
 MAX_REGEX_LENGTH: Final = 1000
+# Objects and arrays nested deeper than this are refused, as MongoDB refuses deep BSON.
+MAX_QUERY_DEPTH: Final = 100
 
 PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.-]+)\Z")
 _PLACEHOLDER_PREFIXES: Final = ("$user.", "$claims.")
@@ -459,13 +463,14 @@ def _negate(predicate: Predicate) -> Predicate:
 
 
 def _all_of(predicates: list[Predicate]) -> Predicate:
-    # Chained pairs rather than all(...) over a generator: this runs once per event.
+    # A balanced tree of pairs: no generator per call, and depth stays logarithmic even for a
+    # filter with thousands of clauses.
     if not predicates:
         return _always
-    first, rest = predicates[0], predicates[1:]
-    if not rest:
-        return first
-    second = _all_of(rest)
+    if len(predicates) == 1:
+        return predicates[0]
+    middle = len(predicates) // 2
+    first, second = _all_of(predicates[:middle]), _all_of(predicates[middle:])
 
     def both(value: Any) -> bool:
         return first(value) and second(value)
@@ -476,10 +481,10 @@ def _all_of(predicates: list[Predicate]) -> Predicate:
 def _any_of(predicates: list[Predicate]) -> Predicate:
     if not predicates:
         return _never
-    first, rest = predicates[0], predicates[1:]
-    if not rest:
-        return first
-    second = _any_of(rest)
+    if len(predicates) == 1:
+        return predicates[0]
+    middle = len(predicates) // 2
+    first, second = _any_of(predicates[:middle]), _any_of(predicates[middle:])
 
     def either(value: Any) -> bool:
         return first(value) or second(value)
@@ -699,10 +704,18 @@ def _compile_regex(source: str, letters: str, path: str) -> re.Pattern[str]:
     for letter in letters.replace("u", ""):
         flags |= _FLAG_BITS[letter]
     try:
-        compiled = re.compile(source, flags)
-    except re.error as exc:
+        # A client's pattern must neither print warnings nor fail with another exception.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = re.compile(source, flags)
+            parsed = _sre_parser.parse(source, flags)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
         raise QueryError(f"invalid regular expression: {exc}", path) from None
-    if _may_backtrack(source, flags):
+    try:
+        may_backtrack = _may_backtrack(parsed)
+    except RecursionError:
+        raise QueryError("regular expression is nested too deeply", path) from None
+    if may_backtrack:
         raise QueryError(
             "regular expression repeats a group that itself repeats or has alternatives "
             "starting with the same character, like (a+)+ or (a|ab)*; this can take "
@@ -733,7 +746,7 @@ def _regex_value_test(value: Any, path: str) -> Predicate:
     return _regex_test(source, letters, path)
 
 
-def _may_backtrack(source: str, flags: int) -> bool:
+def _may_backtrack(parsed: Any) -> bool:
     """Whether a pattern has the shape of those known to backtrack catastrophically.
 
     The check is deliberately simple: it refuses a repeated group (``*``, ``+``, ``{n,}``,
@@ -742,7 +755,6 @@ def _may_backtrack(source: str, flags: int) -> bool:
     characters, like ``(a|a)*`` or ``(a|ab)*``. It also refuses some harmless patterns such
     as ``(,\\d+)*``; those can be written without the nesting.
     """
-    parsed = _sre_parser.parse(source, flags)
     ignore_case = bool(parsed.state.flags & re.IGNORECASE)
     return _nested_repetition(parsed, repeated=False, ignore_case=ignore_case)
 
@@ -797,6 +809,19 @@ def _first_literal(branch: Any, ignore_case: bool) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Validation and compilation
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_depth(query: object) -> None:
+    """Refuse absurdly nested queries up front, without recursion, so later walks are safe."""
+    stack: list[tuple[object, int]] = [(query, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_QUERY_DEPTH:
+            raise QueryError(f"query is nested more than {MAX_QUERY_DEPTH} levels deep")
+        if isinstance(value, Mapping):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, _ARRAYS):
+            stack.extend((item, depth + 1) for item in value)
 
 
 class _Placeholders(enum.Enum):
@@ -1162,6 +1187,7 @@ def placeholders_in(query: Mapping[str, Any]) -> set[str]:
         found.add(text)
         return text
 
+    _check_depth(query)
     _map_query(query, record)
     return found
 
@@ -1183,6 +1209,7 @@ def substitute_placeholders(
             raise _NoValue(text)
         return value
 
+    _check_depth(query)
     try:
         return _map_query(query, lookup)
     except _NoValue:
@@ -1226,6 +1253,7 @@ def validate_query(query: object, *, allow_placeholders: bool = False) -> None:
     """
     if query is None:
         return
+    _check_depth(query)
     mode = _Placeholders.ALLOW if allow_placeholders else _Placeholders.REJECT
     _Compiler(mode).query(query, "")
 
@@ -1238,6 +1266,7 @@ def compile_query(query: Mapping[str, Any] | None) -> Matcher:
     """
     if query is None or (isinstance(query, Mapping) and not query):
         return _MATCH_EVERYTHING
+    _check_depth(query)
     return Matcher(_Compiler(_Placeholders.LITERAL).query(query, ""), query)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from bson.timestamp import Timestamp
 
 from engine.query import (
     ALLOWED_OPERATORS,
+    MAX_QUERY_DEPTH,
     MAX_REGEX_LENGTH,
     PLACEHOLDER_PATTERN,
     Matcher,
@@ -702,6 +704,42 @@ def test_catastrophic_patterns_are_refused(pattern: str) -> None:
 )
 def test_ordinary_patterns_are_accepted(pattern: str) -> None:
     validate_query({"a": {"$regex": pattern}})
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"\z", "(?<name>x)", "a{99999999999999}", "(" * 500 + ")" * 500]
+)
+def test_patterns_python_cannot_compile_are_refused(pattern: str) -> None:
+    error = _error({"a": {"$regex": pattern}})
+    assert error.message.startswith("invalid regular expression")
+
+
+def test_pattern_warnings_are_not_raised() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert matches({"a": {"$regex": "[[a]"}}, {"a": "a"})
+
+
+def test_deeply_nested_queries_are_refused() -> None:
+    query: Query = {"a": 1}
+    for _ in range(MAX_QUERY_DEPTH):
+        query = {"$and": [query]}
+    error = _error(query)
+    assert (error.path, error.message) == ("", "query is nested more than 100 levels deep")
+    with pytest.raises(QueryError):
+        compile_query(query)
+    with pytest.raises(QueryError):
+        substitute_placeholders(query, {})
+
+
+def test_queries_with_thousands_of_clauses() -> None:
+    matcher = compile_query({"$or": [{"a": index} for index in range(5000)]})
+    assert matcher({"a": 4999})
+    assert not matcher({"a": -1})
+    nested: Query = {"a": 1}
+    for _ in range(40):
+        nested = {"$and": [nested, {"b": {"$ne": 2}}]}
+    assert compile_query(nested)({"a": 1})
 
 
 def test_valid_queries_pass_validation() -> None:
