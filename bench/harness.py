@@ -1,0 +1,408 @@
+"""What the benchmarks share: targets, server processes pinned to a core, /proc readings, output.
+
+The servers run on core 0 and the load generator (the benchmark script itself) on core 1, so
+the two never compete for a core and the server's CPU time is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+BENCH_MANIFESTS = REPO / "bench" / "manifests"
+SERVER_CORE = 0
+LOADGEN_CORE = 1
+DEFAULT_MDB_ENGINE_PYTHON = "/tmp/mdbengine-venv/bin/python"
+URL_LINE = re.compile(rb"on http://([\d.]+):(\d+)")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the process itself ------------------------------------------------------------------------
+
+
+def prepare_loadgen() -> None:
+    """Pin this process to the load generator's core, allow many sockets, use uvloop."""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {LOADGEN_CORE})
+    raise_fd_limit()
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def raise_fd_limit() -> int:
+    """Raise the open-file limit to the hard limit (an unprivileged process may not go higher)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _server_preexec() -> None:
+    os.sched_setaffinity(0, {SERVER_CORE})
+    raise_fd_limit()
+    os.setpgrp()  # its own group, so stopping it never signals the benchmark
+
+
+# -- /proc readings -----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def wait_idle(pid: int, quiet_seconds: float = 0.3, timeout: float = 15.0) -> None:
+    """Wait until a process has used (almost) no CPU for `quiet_seconds`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(quiet_seconds)
+        if cpu_seconds(pid) - before <= 0.02:
+            return
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to measure: how to start it and how to ask it to broadcast."""
+
+    name: str
+    description: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    trigger_method: str = "POST"
+    unavailable: str = ""  # why it cannot run here, if it cannot
+
+
+TARGET_NAMES = ("engine", "engine-asyncio", "engine-cli", "naive", "websockets", "mdb-engine")
+
+
+def make_target(name: str, database_uri: str, workdir: Path, mdb_engine_python: str) -> Target:
+    python, manifests = sys.executable, str(BENCH_MANIFESTS)
+    if name in ("engine", "engine-asyncio"):
+        loop = "uvloop" if name == "engine" else "asyncio"
+        return Target(
+            name,
+            f"mdb-realtime engine, broadcast_to_app, uvicorn websockets-sansio, {loop}",
+            (python, "-m", "bench.servers.engine_app", "--loop", loop, "--manifests", manifests),
+            _engine_env(database_uri, workdir),
+        )
+    if name == "engine-cli":
+        return Target(
+            name,
+            "mdb-realtime serve (the CLI as users start it: stdlib asyncio loop)",
+            (
+                python,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--port",
+                "0",
+                "--manifests",
+                manifests,
+                "--mongo-uri",
+                database_uri,
+                "--db",
+                _db_name(),
+            ),
+            _engine_env(database_uri, workdir),
+        )
+    if name == "naive":
+        return Target(
+            name,
+            "FastAPI list of sockets + await send_text loop, uvicorn defaults, uvloop",
+            (python, "-m", "bench.servers.naive_app"),
+        )
+    if name == "websockets":
+        return Target(
+            name,
+            "websockets 17 asyncio server + broadcast(), uvloop",
+            (python, "-m", "bench.servers.websockets_app"),
+            trigger_method="GET",
+        )
+    if name == "mdb-engine":
+        missing = "" if Path(mdb_engine_python).exists() else f"no {mdb_engine_python}"
+        return Target(
+            name,
+            "mdb-engine 0.1.6 create_websocket_endpoint + broadcast_to_app, uvicorn, uvloop",
+            (mdb_engine_python, "-m", "bench.servers.mdbengine_app"),
+            unavailable=missing,
+        )
+    raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
+
+
+def _db_name() -> str:
+    return f"bench_{uuid.uuid4().hex[:8]}"
+
+
+def _engine_env(database_uri: str, workdir: Path) -> dict[str, str]:
+    data_dir = workdir / f"engine-{uuid.uuid4().hex[:6]}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "MONGODB_URI": database_uri,
+        "MDB_REALTIME_DB": _db_name(),
+        "MDB_REALTIME_DATA_DIR": str(data_dir),
+        "MDB_REALTIME_JWT_SECRET": "bench-secret-that-is-long-enough-for-hs256",
+    }
+
+
+def add_target_arguments(parser: Any, default: Sequence[str]) -> None:
+    parser.add_argument(
+        "--targets",
+        default=",".join(default),
+        help=f"comma-separated, from {', '.join(TARGET_NAMES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mdb-engine-python",
+        default=os.environ.get("MDB_ENGINE_PYTHON", DEFAULT_MDB_ENGINE_PYTHON),
+        help="interpreter of a virtualenv with mdb-engine==0.1.6 (default: %(default)s)",
+    )
+
+
+# -- server processes ---------------------------------------------------------------------------
+
+
+class Server:
+    """A target running as a child process on the server core."""
+
+    def __init__(self, target: Target, workdir: Path) -> None:
+        self.target = target
+        self.log_path = workdir / f"{target.name}-{uuid.uuid4().hex[:6]}.log"
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def start(self, timeout: float = 60.0) -> Server:
+        env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        # The server's output goes to a file: a pipe nobody drains would block a chatty server.
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self.target.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+                preexec_fn=_server_preexec,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = URL_LINE.search(self.log_path.read_bytes())
+            if match:
+                self.host, self.port = match.group(1).decode(), int(match.group(2))
+                return self
+            if self._process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.target.name} did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    async def request(self, path: str, method: str = "GET", timeout: float = 600) -> Any:
+        """A plain HTTP/1.1 request to the server; the JSON body of its answer."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            raw = await asyncio.wait_for(reader.read(), timeout)
+        finally:
+            writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{self.target.name} {path}: {head[:200]!r}")
+        if b"chunked" in head.lower():
+            body = _dechunk(body)
+        return json.loads(body)
+
+    async def broadcast(self, count: int, size: int, interval: float, timeout: float) -> Any:
+        query = f"count={count}&size={size}&interval={interval}"
+        return await self.request(
+            f"/bench/broadcast?{query}", self.target.trigger_method, timeout=timeout
+        )
+
+    async def wait_connections(self, expected: int, timeout: float = 60.0) -> None:
+        """Wait until the server itself counts `expected` registered connections."""
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:
+            seen = (await self.request("/bench/count"))["connections"]
+            if seen == expected:
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.target.name}: {seen} connections, expected {expected}")
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    """A scratch folder of our own, also used as TMPDIR for the embedded database."""
+    folder = Path(tempfile.mkdtemp(prefix="mdb-realtime-bench-"))
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def database(workdir: Path, needed: bool) -> Iterator[str]:
+    """MONGODB_URI if set, else SecantusDB in memory (only if an engine target needs one)."""
+    external = os.environ.get("MONGODB_URI")
+    if external or not needed:
+        yield external or ""
+        return
+    from engine.embedded import EmbeddedDatabase
+
+    embedded = EmbeddedDatabase(":memory:")
+    embedded.start(log_path=workdir / "secantus.log")
+    with contextlib.suppress(OSError):
+        assert embedded.pid is not None
+        os.sched_setaffinity(embedded.pid, {LOADGEN_CORE})  # off the server core; it idles
+    try:
+        yield embedded.uri
+    finally:
+        embedded.stop()
+
+
+def needs_database(names: Sequence[str]) -> bool:
+    return any(name.startswith("engine") for name in names)
+
+
+# -- numbers and output -------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A Markdown table, so it can be pasted into bench/README.md as is."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def select_targets(
+    spec: str, database_uri: str, workdir: Path, mdb_engine_python: str
+) -> list[Target]:
+    """The requested targets that can run here; the others are reported and skipped."""
+    chosen = []
+    for name in [n.strip() for n in spec.split(",") if n.strip()]:
+        target = make_target(name, database_uri, workdir, mdb_engine_python)
+        if target.unavailable:
+            print(f"skipping {name}: {target.unavailable}", file=sys.stderr)
+            continue
+        chosen.append(target)
+    return chosen

@@ -1,0 +1,1 @@
+"""Benchmark servers: one per target, all serving the same broadcast routes."""
