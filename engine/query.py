@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from decimal import Decimal
 from re import _constants as _sre_constants  # type: ignore[attr-defined]
 from re import _parser as _sre_parser  # type: ignore[attr-defined]
+from types import MappingProxyType
 from typing import Any, Final
 
 from bson import SON, Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex
@@ -1240,7 +1241,7 @@ class Matcher:
         return f"Matcher({self.query!r})"
 
 
-_MATCH_EVERYTHING: Final = Matcher(_always, {}, matches_everything=True)
+_MATCH_EVERYTHING: Final = Matcher(_always, MappingProxyType({}), matches_everything=True)
 
 
 def validate_query(query: object, *, allow_placeholders: bool = False) -> None:
