@@ -61,7 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0,
         metavar="SECONDS",
-        help="then profile the engine under fan-out load with py-spy for SECONDS",
+        help="then profile a target under fan-out load with py-spy for SECONDS",
+    )
+    parser.add_argument(
+        "--profile-targets",
+        default="engine",
+        help="comma-separated targets to profile with --profile (%(default)s)",
+    )
+    parser.add_argument(
+        "--profile-native", action="store_true", help="include C frames in the profile"
     )
     harness.add_target_arguments(parser, DEFAULT_TARGETS)
     return parser.parse_args(argv)
@@ -74,12 +82,14 @@ async def throughput_trial(
     tally.expect(expected)
     await harness.wait_idle(server.pid)
     cpu_before, own_before = harness.cpu_seconds(server.pid), _own_cpu()
+    core_before = harness.core_busy_seconds(harness.SERVER_CORE)
     started = time.time()
     request = asyncio.create_task(server.broadcast(messages, size, 0, timeout=300))
     await _until_done_or_stalled(tally)
     elapsed = max(tally.last_received - started, 1e-9)
     cpu = harness.cpu_seconds(server.pid) - cpu_before
     loadgen_cpu = _own_cpu() - own_before
+    others = harness.core_busy_seconds(harness.SERVER_CORE) - core_before - cpu
     answer = await request
     delivered = tally.broadcasts
     return {
@@ -91,6 +101,8 @@ async def throughput_trial(
         "server_cpu_s": cpu,
         "cpu_us_per_msg": 1e6 * cpu / max(delivered, 1),
         "loadgen_cpu_pct": 100 * loadgen_cpu / elapsed,
+        # Other processes on the server core during the trial (this machine is shared).
+        "others_on_server_core_pct": 100 * max(0.0, others) / elapsed,
         "bytes_per_msg": tally.payload_bytes / max(delivered, 1),
         "server_seconds": answer.get("seconds"),
     }
@@ -174,20 +186,21 @@ async def run(args: argparse.Namespace, targets: list[Target], workdir: Path) ->
                     trials.append(
                         {"clients": n, "round": round_index, "target": target.name, **result}
                     )
-        profile = await profile_engine(servers, max(sizes), args, workdir)
+        profiles = {
+            name: await profile_target(servers[name], max(sizes), args, workdir)
+            for name in args.profile_targets.split(",")
+            if args.profile and name in servers
+        }
     finally:
         for server in servers.values():
             server.stop()
-    return {"trials": trials, "profile": profile}
+    return {"trials": trials, "profiles": profiles}
 
 
-async def profile_engine(
-    servers: dict[str, Server], n: int, args: argparse.Namespace, workdir: Path
-) -> dict[str, Any] | None:
-    """py-spy samples of the engine while it fans out to N clients, flat out."""
-    server = servers.get("engine")
-    if not args.profile or server is None:
-        return None
+async def profile_target(
+    server: Server, n: int, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """py-spy samples of a server while it fans out to N clients, flat out."""
     tally = Tally()
     clients = await open_clients(server.host, server.port, WS_PATH, n, tally)
     try:
@@ -196,11 +209,13 @@ async def profile_engine(
         messages = max(1, int(args.deliveries // n * (args.profile + 5)))
         tally.expect(n * messages)
         request = asyncio.create_task(server.broadcast(messages, args.size, 0, timeout=600))
-        stacks = await pyspy.record(server.pid, args.profile, workdir / "engine.pyspy")
+        output = workdir / f"{server.target.name}.pyspy"
+        stacks = await pyspy.record(server.pid, args.profile, output, args.profile_native)
         request.cancel()
         return pyspy.summarize(stacks)
     finally:
         close_clients(clients)
+        await server.wait_connections(0)
 
 
 def summarize(trials: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
@@ -241,6 +256,7 @@ def _summary_row(
         * sum(t["delivered"] for t in throughput)
         / sum(t["expected"] for t in throughput),
         "loadgen_cpu_pct": harness.median([t["loadgen_cpu_pct"] for t in throughput]),
+        "others_pct": harness.median([t["others_on_server_core_pct"] for t in throughput]),
         "bytes_per_msg": harness.median([t["bytes_per_msg"] for t in throughput]),
         "latency_rate": runs[0]["latency"]["rate"],
         "p50_ms": harness.percentile(latencies, 0.50),
@@ -260,6 +276,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             "x engine",
             "delivered %",
             "loadgen CPU %",
+            "others %",
             "bcasts/s",
             "p50 ms",
             "p99 ms",
@@ -274,6 +291,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
                 r["cpu_vs_engine"],
                 r["delivered_pct"],
                 r["loadgen_cpu_pct"],
+                r["others_pct"],
                 r["latency_rate"],
                 r["p50_ms"],
                 r["p99_ms"],
@@ -295,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(run(args, targets, workdir))
     rows = summarize(results["trials"], [t.name for t in targets])
     print_summary(rows)
-    if results["profile"]:
-        pyspy.print_summary(results["profile"])
+    for name, profile in results["profiles"].items():
+        pyspy.print_summary(name, profile)
     path = harness.write_results(
         "fanout",
         {

@@ -14,7 +14,7 @@ SAMPLE_RATE = 250  # per second
 TOP = 20
 
 
-async def record(pid: int, seconds: float, output: Path) -> list[str]:
+async def record(pid: int, seconds: float, output: Path, native: bool = False) -> list[str]:
     """Collapsed stacks ("frame;frame;... count") of `pid` sampled for `seconds`."""
     binary = shutil.which("py-spy")
     if binary is None:
@@ -31,9 +31,10 @@ async def record(pid: int, seconds: float, output: Path) -> list[str]:
         "--format",
         "raw",
         "--function",  # aggregate by function, not by line
-        "--nonblocking",  # never pause the server: it is being measured
         "--output",
         str(output),
+        # Native frames need the process paused while it is sampled; Python frames do not.
+        *(["--native"] if native else ["--nonblocking"]),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -77,8 +78,8 @@ def _short(frame: str) -> str:
     return f"{name} ({where})" if where else name
 
 
-def print_summary(profile: dict[str, Any]) -> None:
-    print(f"\nengine profile under fan-out ({profile['samples']} samples, busy time only)")
+def print_summary(name: str, profile: dict[str, Any]) -> None:
+    print(f"\n{name} profile under fan-out ({profile['samples']} samples, busy time only)")
     print("\nself time (the function running when sampled):")
     harness.print_table(["function", "%"], profile["self"])
     print("\ninclusive time (the function anywhere on the stack):")
