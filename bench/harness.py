@@ -115,6 +115,7 @@ class Target:
     command: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     trigger_method: str = "POST"
+    has_bench_routes: bool = True  # False: the plain CLI, which has no /bench/* routes
     unavailable: str = ""  # why it cannot run here, if it cannot
 
 
@@ -150,6 +151,7 @@ def make_target(name: str, database_uri: str, workdir: Path, mdb_engine_python: 
                 _db_name(),
             ),
             _engine_env(database_uri, workdir),
+            has_bench_routes=False,
         )
     if name == "naive":
         return Target(

@@ -29,6 +29,7 @@ class Tally:
 
     broadcasts: int = 0
     other_text: int = 0
+    pings: int = 0  # protocol pings and the engine's JSON pings
     payload_bytes: int = 0
     last_received: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -151,8 +152,10 @@ class WsClient(asyncio.Protocol):
             if not self.first_text.done():
                 self.first_text.set_result(None)
             if any(mark in payload for mark in JSON_PING_MARKS):
+                self.tally.pings += 1
                 self.transport.write(_masked(_OP_TEXT, _PONG_TEXT))
         elif opcode == _OP_PING:
+            self.tally.pings += 1
             self.transport.write(_masked(_OP_PONG, payload))
         elif opcode == _OP_CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
