@@ -332,6 +332,15 @@ def test_delivered_ids_of_any_bson_type(doc_id: Any) -> None:
     assert view.decide(change("delete", doc_id=doc_id)) == ("delete", None, None)
 
 
+def test_delivered_ids_of_different_bson_types_are_not_confused() -> None:
+    # MongoDB keeps _id true and _id 1 apart (bool is not a number); Python's set does not.
+    view = view_of("orders")
+    view.decide(change("insert", {**order(0), "_id": True}, doc_id=True))
+    assert view.decide(change("delete", doc_id=1)) is None
+    view.decide(change("insert", {**order(0), "_id": 0}, doc_id=0))
+    assert view.decide(change("delete", doc_id=False)) is None
+
+
 def test_known_ids_are_bounded_and_the_oldest_is_evicted() -> None:
     view = view_of("orders", known_ids_limit=3)
     for number in range(1, 5):
