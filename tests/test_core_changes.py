@@ -533,19 +533,44 @@ def test_project_update_does_not_share_input_containers() -> None:
     assert result["removed_fields"] is not removed
 
 
-def test_project_update_array_element_inside_a_projected_field() -> None:
-    # $set {"a.0.b": 5} on {a: [{b: 1, c: 2}]}: the projected document shows a[0].b, so the
-    # projected update must show the change to it, and must not show a.0.c.
-    fields = ("a.b",)
-    result = project_update({"a.0.b": 5, "a.0.c": 6}, [], fields)
-    assert result["updated_fields"] == {"a.0.b": 5}
+def update_message(document: Doc, updated: Doc, fields: Fields) -> Doc:
+    event = normalize(
+        raw("update", fullDocument=document, updateDescription=update_description(updated))
+    )
+    assert event is not None
+    return change_message(
+        event,
+        app_slug="shop",
+        endpoint="live",
+        collection="orders",
+        operation="update",
+        fields=fields,
+    )
 
 
-def test_project_update_array_element_replaced_above_a_projected_field() -> None:
-    # $set {"a.1": {...}}: MongoDB reports the element path; its projected value is {b}.
-    fields = ("a.b",)
-    result = project_update({"a.1": {"b": 2, "c": 3}}, [], fields)
-    assert result["updated_fields"] == {"a.1": {"b": 2}}
+def test_update_of_an_array_element_inside_a_projected_field() -> None:
+    # $set {"a.0.b": 5, "a.0.c": 6} on {a: [{b: 1, c: 2}]}. The message's document shows a[0].b
+    # (projection a.b), so its update must show the change to a.0.b, and never a.0.c.
+    message = update_message(
+        {"_id": 1, "a": [{"b": 5, "c": 6}]}, {"a.0.b": 5, "a.0.c": 6}, ("a.b",)
+    )
+    assert message["document"] == {"_id": 1, "a": [{"b": 5}]}
+    assert message["update"]["updated_fields"] == {"a.0.b": 5}
+
+
+def test_update_of_an_array_element_replaced_above_a_projected_field() -> None:
+    # $set {"a.1": {...}} (or a $push): MongoDB names the element; projected, it shows only b.
+    message = update_message(
+        {"_id": 1, "a": [{"b": 1}, {"b": 2, "c": 3}]}, {"a.1": {"b": 2, "c": 3}}, ("a.b",)
+    )
+    assert message["update"]["updated_fields"] == {"a.1": {"b": 2}}
+
+
+def test_update_of_a_numeric_key_in_a_subdocument_stays_hidden() -> None:
+    # Same paths, but "a" is a subdocument whose key "0" is not under the projection a.b.
+    message = update_message({"_id": 1, "a": {"0": {"b": 5, "c": 6}}}, {"a.0.b": 5}, ("a.b",))
+    assert message["document"] == {"_id": 1, "a": {}}
+    assert message["update"]["updated_fields"] == {}
 
 
 def test_project_update_above_path_set_to_a_scalar_removes_the_projected_value() -> None:
