@@ -128,10 +128,14 @@ async def receive_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, 
     return message
 
 
-async def receive_until(ws: ClientConnection, kind: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The next message of type `kind`, skipping others (pings, ...)."""
+async def receive_until(
+    ws: ClientConnection, kind: str, timeout: float = 5.0, answer_pings: bool = False
+) -> dict[str, Any]:
+    """The next message of type `kind`, skipping others; pings answered if asked to."""
     deadline = time.monotonic() + timeout
     while True:
         message = await receive_json(ws, max(0.01, deadline - time.monotonic()))
         if message.get("type") == kind:
             return message
+        if answer_pings and message.get("type") == "ping":
+            await ws.send('{"type": "pong"}')

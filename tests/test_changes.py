@@ -41,7 +41,7 @@ async def client_for(
 async def changes(ws: ClientConnection, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     received = []
     while len(received) < count:
-        received.append(await receive_until(ws, "change", timeout))
+        received.append(await receive_until(ws, "change", timeout, answer_pings=True))
     return received
 
 
