@@ -12,11 +12,11 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
 
 import jwt
+from starlette.requests import cookie_parser
 
 from engine.protocol import CloseReason
 
@@ -58,15 +58,6 @@ class Principal:
 ANONYMOUS = Principal()
 
 
-def _parse_cookie_header(header: str) -> dict[str, str]:
-    cookie = SimpleCookie()
-    try:
-        cookie.load(header)
-    except CookieError:
-        return {}
-    return {name: morsel.value for name, morsel in cookie.items()}
-
-
 def extract_token(
     query_params: Mapping[str, str],
     headers: Mapping[str, str],
@@ -79,7 +70,8 @@ def extract_token(
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    cookies = _parse_cookie_header(headers.get("cookie", ""))
+    # Starlette's parser, as browsers do: one malformed cookie does not hide the others.
+    cookies = cookie_parser(headers.get("cookie", ""))
     for name in TOKEN_COOKIES:
         if cookies.get(name):
             return cookies[name]

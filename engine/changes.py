@@ -143,24 +143,53 @@ def _path_relation(path: str, fields: Sequence[str]) -> str | None:
     return None
 
 
+def _logical_path(path: str, document: Mapping[str, Any] | None) -> str:
+    """The path without positions into arrays ("a.0.b" -> "a.b" when `a` is an array)."""
+    if document is None or not any(part.isdigit() for part in path.split(".")):
+        return path
+    kept: list[str] = []
+    node: Any = document
+    for part in path.split("."):
+        if isinstance(node, list) and part.isdigit():
+            index = int(part)
+            node = node[index] if index < len(node) else None
+            continue
+        kept.append(part)
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return ".".join(kept)
+
+
 def project_update(
-    updated_fields: Mapping[str, Any], removed_fields: Sequence[str], fields: Fields
+    updated_fields: Mapping[str, Any],
+    removed_fields: Sequence[str],
+    fields: Fields,
+    document: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The update description limited to `fields`, in the message's snake_case shape."""
+    """The update description limited to `fields`, in the message's snake_case shape.
+
+    `document` (the full document after the update) tells array positions in paths apart
+    from numeric keys of subdocuments.
+    """
     if fields is None:
         return {"updated_fields": dict(updated_fields), "removed_fields": list(removed_fields)}
     updated: dict[str, Any] = {}
+    removed: list[str] = []
     for path, value in updated_fields.items():
-        relation = _path_relation(path, fields)
+        logical = _logical_path(path, document)
+        relation = _path_relation(logical, fields)
         if relation == "inside":
             updated[path] = value
         elif relation == "above":
-            prefix = path + "."
+            prefix = logical + "."
             inner = tuple(f[len(prefix) :] for f in fields if f.startswith(prefix))
             sub = _project_value(value, _field_tree(inner))
             if sub is not _SKIP:
                 updated[path] = sub
-    removed = [path for path in removed_fields if _path_relation(path, fields) is not None]
+            elif logical == path:
+                removed.append(path)  # a scalar now: the projected fields under it are gone
+    for path in removed_fields:
+        if _path_relation(_logical_path(path, document), fields) is not None:
+            removed.append(path)
     return {"updated_fields": updated, "removed_fields": removed}
 
 
@@ -201,7 +230,9 @@ def change_message(
     if operation != "delete" and event.document is not None:
         document = project(event.document, fields)
         if operation == "update" and event.updated_fields is not None and reason is None:
-            update = project_update(event.updated_fields, event.removed_fields or (), fields)
+            update = project_update(
+                event.updated_fields, event.removed_fields or (), fields, event.document
+            )
     message: dict[str, Any] = {
         "type": "change",
         "id": event.event_id,

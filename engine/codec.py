@@ -9,15 +9,20 @@ from typing import Any
 import orjson
 from bson import Binary, Code, DBRef, Decimal128, MaxKey, MinKey, ObjectId, Regex, Timestamp
 
-_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+# Datetimes pass through to `_bson_default` so that every zone is converted to UTC.
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
 
 
 def _bson_default(value: Any) -> Any:
     """JSON form of values orjson does not know: called only for those, so the common path is C."""
+    if isinstance(value, dt.datetime):
+        return _utc_iso(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
     if isinstance(value, ObjectId | Decimal128):
         return str(value)
     if isinstance(value, Timestamp):
-        return value.as_datetime()
+        return _utc_iso(value.as_datetime())
     if isinstance(value, bytes | Binary):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, Regex):
@@ -34,6 +39,13 @@ def _bson_default(value: Any) -> Any:
     if isinstance(pattern, str):  # compiled re.Pattern
         return pattern
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def _utc_iso(value: dt.datetime) -> str:
+    """ISO-8601 in UTC with a Z; naive datetimes are UTC already (that is how BSON stores them)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat() + "Z"
 
 
 def dumps(message: Any) -> str:

@@ -29,7 +29,15 @@ class RedactingFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text when set: the traceback is redacted like the message.
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:

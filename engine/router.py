@@ -56,6 +56,9 @@ class Subscription:
 
 
 def _id_key(document_id: Any) -> Hashable:
+    """A dictionary key per _id; booleans kept apart from numbers (True == 1 in Python only)."""
+    if isinstance(document_id, bool):
+        return ("bool", document_id)
     return document_id if isinstance(document_id, Hashable) else codec.dumps(document_id)
 
 
@@ -99,11 +102,13 @@ class View:
         return union_fields(matching)
 
     def _was_visible(self, event: ChangeEvent) -> bool:
+        # What it was sent counts too: an update whose post-image was already gone (deleted
+        # right after) could not move the document out of this view.
+        if _id_key(event.document_id) in self.known_ids:
+            return True
         if event.before is not None:
             return self.sees(event.before)
-        if self.unrestricted:  # at worst a delete of a document outside a subscription
-            return True
-        return _id_key(event.document_id) in self.known_ids
+        return self.unrestricted  # at worst a delete of a document outside a subscription
 
     def _remember(self, document_id: Any) -> None:
         key = _id_key(document_id)
@@ -198,7 +203,7 @@ class Router:
             connection.app_slug, connection.endpoint
         ).items():
             scope = None
-            if binding.scope is not None:
+            if binding.scope is not None and connection.principal.authenticated:
                 bound = substitute_placeholders(binding.scope, values)
                 scope = compile_query(bound) if bound is not None else None
             connection.views[collection] = View(binding, scope, self.known_ids_limit)
