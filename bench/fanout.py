@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=5.0, help="paced run length")
     parser.add_argument("--samples", type=int, default=100, help="clients recording latency")
     parser.add_argument(
+        "--max-others",
+        type=float,
+        default=10.0,
+        help="retry a trial when other processes used more than this %% of the server core",
+    )
+    parser.add_argument("--tries", type=int, default=3, help="attempts per trial at most")
+    parser.add_argument(
         "--profile",
         type=float,
         default=0,
@@ -80,6 +87,7 @@ async def throughput_trial(
 ) -> dict[str, Any]:
     expected = len(clients) * messages
     tally.expect(expected)
+    tally.recording = False
     await harness.wait_idle(server.pid)
     cpu_before, own_before = harness.cpu_seconds(server.pid), _own_cpu()
     core_before = harness.core_busy_seconds(harness.SERVER_CORE)
@@ -113,6 +121,7 @@ async def latency_trial(
 ) -> dict[str, Any]:
     count = max(1, round(rate * seconds))
     tally.expect(len(clients) * count)
+    tally.recording = True
     await harness.wait_idle(server.pid)
     cpu_before = harness.cpu_seconds(server.pid)
     started = time.time()
@@ -172,6 +181,20 @@ async def measure_target(server: Server, n: int, args: argparse.Namespace) -> di
         await server.wait_connections(0)
 
 
+async def quiet_measurement(server: Server, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure; while other processes took much of the server core meanwhile, measure again.
+
+    The quietest attempt is kept; how many were made is recorded with it.
+    """
+    attempts = []
+    for _ in range(args.tries):
+        attempts.append(await measure_target(server, n, args))
+        if attempts[-1]["throughput"]["others_on_server_core_pct"] <= args.max_others:
+            break
+    best = min(attempts, key=lambda a: a["throughput"]["others_on_server_core_pct"])
+    return {**best, "attempts": len(attempts)}
+
+
 async def run(args: argparse.Namespace, targets: list[Target], workdir: Path) -> dict[str, Any]:
     sizes = [int(n) for n in args.clients.split(",")]
     servers = {t.name: Server(t, workdir).start() for t in targets}
@@ -182,7 +205,7 @@ async def run(args: argparse.Namespace, targets: list[Target], workdir: Path) ->
                 shift = round_index % len(targets)
                 for target in targets[shift:] + targets[:shift]:
                     print(f"N={n} round {round_index + 1}: {target.name} ...", file=sys.stderr)
-                    result = await measure_target(servers[target.name], n, args)
+                    result = await quiet_measurement(servers[target.name], n, args)
                     trials.append(
                         {"clients": n, "round": round_index, "target": target.name, **result}
                     )

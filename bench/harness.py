@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ LOADGEN_CORE = 1
 DEFAULT_MDB_ENGINE_PYTHON = "/tmp/mdbengine-venv/bin/python"
 URL_LINE = re.compile(rb"on http://([\d.]+):(\d+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
 
 
 # -- the process itself ------------------------------------------------------------------------
@@ -45,6 +47,8 @@ def prepare_loadgen() -> None:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {LOADGEN_CORE})
     raise_fd_limit()
+    # A terminated benchmark unwinds (and stops its servers) as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -65,6 +69,9 @@ def _server_preexec() -> None:
     os.sched_setaffinity(0, {SERVER_CORE})
     raise_fd_limit()
     os.setpgrp()  # its own group, so stopping it never signals the benchmark
+    # Linux: the server gets SIGTERM when the benchmark dies, even by SIGKILL.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 # -- /proc readings -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     close_codes: dict[int, int] = field(default_factory=dict)
     lost_connections: int = 0
+    recording: bool = True  # sampled clients record latency (off for throughput runs: cheaper)
     target: int = 0  # broadcasts expected in total; `done` is set when reached
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -107,6 +108,7 @@ class WsClient(asyncio.Protocol):
     def _frames(self, buffer: bytes) -> bytes:
         """Consume the complete frames at the start of `buffer`; the rest is returned."""
         position, size, counted = 0, len(buffer), 0
+        sampled = self.sampled and self.tally.recording
         while size - position >= 2:
             length = buffer[position + 1] & 0x7F
             start = position + 2
@@ -122,7 +124,7 @@ class WsClient(asyncio.Protocol):
             opcode = buffer[position] & 0x0F
             if opcode == _OP_TEXT and buffer.startswith(BROADCAST_MARKS, start):
                 counted += 1
-                if self.sampled:
+                if sampled:
                     self._record_latency(buffer, start, end)
             else:
                 self._control(opcode, buffer[start:end])
