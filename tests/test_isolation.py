@@ -11,7 +11,8 @@ in commit order; each client must receive exactly those.
 
 The model is written by hand from the manifests (plain Python predicates, not `engine.query`)
 so that it checks the engine instead of repeating it; `test_model_matches_the_manifests` keeps
-the two in step.
+the two in step. The last two tests write the same document twice in quick succession, which
+the random test avoids (see `Run.settle`).
 """
 
 from __future__ import annotations
