@@ -19,9 +19,11 @@ from pymongo.errors import PyMongoError
 
 from engine.auth import TokenVerifier
 from engine.endpoint import Endpoint, EndpointSettings
+from engine.http_broadcast import add_broadcast_route
 from engine.hub import WebSocketConnectionManager
 from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
 from engine.metrics import EngineMetrics
+from engine.pages import add_app_page, mount_static, page_of
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.router import Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
@@ -179,6 +181,7 @@ class MongoDBEngine:
                 protocol_handlers=self.router.protocol_handlers(),
                 on_connect=self.router.attach,
                 on_disconnect=self.router.detach,
+                stats=self.metrics.stats.endpoint(slug, name),
             )
             route = f"/{slug}{config.path}"
             app.router.add_websocket_route(route, endpoint.__call__, name=f"{slug}:{name}")
@@ -205,8 +208,16 @@ class MongoDBEngine:
             for path in find_manifests(manifests_dir):
                 manifest = self.add_app(load_manifest_file(path))
                 self.register_websocket_routes(app, manifest.slug)
+                self.register_http_routes(app, manifest.slug, page_of(path))
         self.add_health_routes(app)
+        mount_static(app)
         return app
+
+    def register_http_routes(self, app: FastAPI, slug: str, page: Path | None = None) -> None:
+        """`POST /<slug>/broadcast` for service back ends, and the app's page at `/<slug>/`."""
+        add_broadcast_route(app, slug, lambda: self.verifier, self.realtime.broadcast)
+        if page is not None:
+            add_app_page(app, slug, page)
 
     def add_health_routes(self, app: FastAPI) -> None:
         app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)

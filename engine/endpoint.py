@@ -16,6 +16,7 @@ from engine.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_
 from engine.hub import QueueLimits, WebSocketConnection
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
+from engine.stats import EndpointStats
 from engine.transport import scope_abort
 
 logger = logging.getLogger("engine.endpoint")
@@ -79,6 +80,7 @@ class Endpoint:
         protocol_handlers: Mapping[str, ProtocolHandler] | None = None,
         on_connect: Callable[[WebSocketConnection], None] | None = None,
         on_disconnect: Callable[[WebSocketConnection], None] | None = None,
+        stats: EndpointStats | None = None,
     ) -> None:
         self.settings = settings
         self.realtime = realtime
@@ -86,6 +88,7 @@ class Endpoint:
         self._protocol_handlers = dict(protocol_handlers or {})
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._stats = stats
 
     async def __call__(self, websocket: WebSocket) -> None:
         settings = self.settings
@@ -120,6 +123,7 @@ class Endpoint:
             endpoint=settings.name,
             principal=principal,
             ping_interval=settings.ping_interval,
+            stats=self._stats,
         )
         manager = self.realtime.manager(settings.app_slug)
         connection.start(
@@ -183,6 +187,8 @@ class Endpoint:
         try:
             await handler(websocket, message, connection)
         except Exception:
+            if self._stats is not None:
+                self._stats.handler_errors += 1
             logger.exception(
                 "message handler of %s/%s failed on type %r",
                 self.settings.app_slug,

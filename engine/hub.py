@@ -21,6 +21,7 @@ from typing import Any
 from engine import codec
 from engine.auth import ANONYMOUS, Principal
 from engine.protocol import CloseCode, CloseReason, stamp_app_message
+from engine.stats import EndpointStats
 
 logger = logging.getLogger("engine.hub")
 
@@ -93,6 +94,7 @@ class WebSocketConnection:
     last_ping_sent: float = 0.0
     outbox: Outbox | None = None
     closing: bool = False
+    stats: EndpointStats | None = None  # counters shared by the endpoint's connections
     views: dict[str, Any] = field(default_factory=dict)  # collection -> router.View
     _writer: asyncio.Task[None] | None = None
     _expiry: asyncio.TimerHandle | None = None
@@ -128,7 +130,13 @@ class WebSocketConnection:
         if self.closing or self.outbox is None:
             return False
         if self.outbox.put(frame):
+            if self.stats is not None:
+                self.stats.frames_out += 1
             return True
+        if self.stats is not None:
+            # The frame that overflowed and every frame still queued are lost with the socket.
+            self.stats.dropped += 1 + len(self.outbox)
+            self.stats.slow_consumer_closes += 1
         logger.warning(
             "closing slow consumer %s of app %r (%d frames queued)",
             self.connection_id,

@@ -13,10 +13,12 @@ import pytest
 from engine.embedded import EmbeddedDatabase
 from tests.support import (
     CHANGE_MANIFESTS,
+    REPO,
     TEST_MANIFESTS,
     ServerProcess,
     app_under_test_command,
     engine_env,
+    serve_command,
 )
 
 
@@ -94,6 +96,20 @@ def change_app(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield running
     finally:
         running.server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_app(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """`mdb-realtime serve` on the example apps of `manifests/`, as a user runs it."""
+    folder = tmp_path_factory.mktemp("demo_app")
+    db = f"t_{uuid.uuid4().hex[:12]}"
+    env = engine_env(mongo_uri, folder, MDB_REALTIME_DB=db)
+    command = serve_command("--manifests", str(REPO / "manifests"))
+    server = ServerProcess(command, env, folder / "server.log").start()
+    try:
+        yield RunningApp(server, mongo_uri, db)
+    finally:
+        server.stop()
 
 
 # Small queues so the slow-consumer test overflows quickly; generous enough for the others.

@@ -1,0 +1,285 @@
+// mdb-realtime browser client: a plain ES module, no build step.
+//
+//   import { RealtimeClient } from "/static/realtime.js";
+//   const client = new RealtimeClient("/todo/ws", { token });
+//   client.subscribe("todos", { snapshot: true });
+//   client.on("view", ({ collection }) => render(client.documents(collection)));
+//   client.connect();
+//
+// After a lost connection it reconnects with backoff and `last_event_id` (the last change it
+// saw), so the server replays what it missed. With no position yet, or after
+// `resync_required`, subscriptions made with `snapshot: true` ask for a snapshot to rebuild
+// the local view. The Python client (engine/client.py) follows the same rules.
+
+const POLICY_VIOLATION = 1008; // the server refused the token
+const TOKEN_EXPIRED = "token expired";
+const UPSERT = new Set(["insert", "update", "replace"]);
+
+/** A Map key for a JSON `_id`; the prefixes keep "1", 1 and true apart. */
+export function documentKey(id) {
+  if (typeof id === "string") return `s:${id}`;
+  if (typeof id === "number") return `n:${id}`;
+  return `j:${canonicalJson(id)}`;
+}
+
+function canonicalJson(value) {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value && typeof value === "object") {
+    const keys = Object.keys(value).sort();
+    return `{${keys.map((k) => `${JSON.stringify(k)}:${canonicalJson(value[k])}`).join(",")}}`;
+  }
+  return JSON.stringify(value ?? null);
+}
+
+/** Documents per collection, kept from `change` and `snapshot` messages (no I/O). */
+export class LocalView {
+  constructor(lastEventId = null) {
+    this.collections = new Map(); // collection -> Map(key -> document)
+    this.lastEventId = lastEventId;
+  }
+
+  documents(collection) {
+    return [...(this.collections.get(collection)?.values() ?? [])];
+  }
+
+  /** Apply a server message; the collection it changed, or null. */
+  apply(message) {
+    if (message.type === "change") return this.#applyChange(message);
+    if (message.type === "snapshot") return this.#applySnapshot(message);
+    return null;
+  }
+
+  #collection(name) {
+    let documents = this.collections.get(name);
+    if (!documents) this.collections.set(name, (documents = new Map()));
+    return documents;
+  }
+
+  #applyChange(message) {
+    if (typeof message.id === "string") this.lastEventId = message.id;
+    if (typeof message.collection !== "string") return null;
+    const documents = this.#collection(message.collection);
+    const key = documentKey(message.document_id);
+    if (message.operation === "delete") {
+      return documents.delete(key) ? message.collection : null;
+    }
+    if (UPSERT.has(message.operation) && message.document && typeof message.document === "object") {
+      documents.set(key, message.document);
+      return message.collection;
+    }
+    return null;
+  }
+
+  #applySnapshot(message) {
+    if (typeof message.collection !== "string") return null;
+    const documents = new Map();
+    for (const document of message.documents ?? []) documents.set(documentKey(document._id), document);
+    this.collections.set(message.collection, documents);
+    if (typeof message.event_id === "string") this.lastEventId = message.event_id;
+    return message.collection;
+  }
+}
+
+/** Delay before reconnect attempt n, in ms: initial x factor^n, capped, with jitter. */
+export function backoffDelay(attempt, { initialMs = 500, maxMs = 15000, factor = 2, jitter = 0.5 } = {}) {
+  const ceiling = Math.min(maxMs, initialMs * factor ** Math.max(0, attempt));
+  return ceiling * (1 - jitter * Math.random());
+}
+
+export class RealtimeClient {
+  /**
+   * @param {string} url  ws:// or wss:// URL, or a path such as "/todo/ws" on this page's host.
+   * @param {object} options
+   *   token: a string, or a function returning a string or a Promise of one (called at each
+   *          connect, so an expired token can be replaced);
+   *   lastEventId: resume from this position on the first connect;
+   *   backoff: {initialMs, maxMs, factor, jitter}.
+   */
+  constructor(url, { token = null, lastEventId = null, backoff = {} } = {}) {
+    this.url = absoluteWebSocketUrl(url);
+    this.view = new LocalView(lastEventId);
+    this.state = "idle"; // idle, connecting, open, waiting (to reconnect), closed
+    this.connected = null; // the last `connected` message
+    this.failure = null; // {code, reason} once the client stopped for good
+    this._token = token;
+    this._backoff = backoff;
+    this._subscriptions = new Map();
+    this._callbacks = new Map();
+    this._nextId = 1;
+    this._socket = null;
+    this._timer = null;
+    this._attempt = 0;
+    this._closing = false;
+  }
+
+  get lastEventId() {
+    return this.view.lastEventId;
+  }
+
+  documents(collection) {
+    return this.view.documents(collection);
+  }
+
+  /**
+   * Call `callback(message)` for server messages of type `kind` ("*": every one). Also:
+   * "view" ({collection}) when the local view changed, "status" ({state}) on state changes,
+   * "disconnected" ({code, reason}), "closed" ({code, reason}) when the client stops for good.
+   * Returns a function that removes the callback.
+   */
+  on(kind, callback) {
+    if (!this._callbacks.has(kind)) this._callbacks.set(kind, new Set());
+    this._callbacks.get(kind).add(callback);
+    return () => this._callbacks.get(kind).delete(callback);
+  }
+
+  connect() {
+    this._closing = false;
+    if (!this._socket && this._timer === null) this.#open();
+    return this;
+  }
+
+  close() {
+    this._closing = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._socket) this._socket.close(1000, "client closed");
+    this.#setState("closed");
+  }
+
+  /** Send a message to the app's handler; false when not connected. */
+  send(message) {
+    if (this.state !== "open") return false;
+    this._socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Narrow what arrives from `collection` (kept across reconnects); the subscription id. */
+  subscribe(collection, { filter = null, fields = null, snapshot = true, id = null } = {}) {
+    const subscription = { id: id ?? `sub-${this._nextId++}`, collection, filter, fields, snapshot };
+    this._subscriptions.set(subscription.id, subscription);
+    if (this.state === "open") this.send(subscribeMessage(subscription, snapshot));
+    return subscription.id;
+  }
+
+  unsubscribe(id) {
+    if (this._subscriptions.delete(id)) this.send({ type: "unsubscribe", id });
+  }
+
+  // -- connection ----------------------------------------------------------------------------
+
+  async #open() {
+    this.#setState("connecting");
+    let token = this._token;
+    try {
+      if (typeof token === "function") token = await token();
+    } catch (error) {
+      this.#emit("error", { type: "error", code: "token_source", message: String(error) });
+      this.#scheduleReconnect();
+      return;
+    }
+    if (this._closing) return;
+    const url = new URL(this.url);
+    if (token) url.searchParams.set("token", token);
+    if (this.view.lastEventId !== null) url.searchParams.set("last_event_id", this.view.lastEventId);
+    const socket = new WebSocket(url);
+    this._socket = socket;
+    socket.onmessage = (event) => this.#receive(socket, event.data);
+    socket.onclose = (event) => this.#closed(socket, event.code, event.reason);
+  }
+
+  #closed(socket, code, reason) {
+    if (this._socket !== socket) return;
+    this._socket = null;
+    if (this._closing) return;
+    if (code === POLICY_VIOLATION && !(typeof this._token === "function" && reason === TOKEN_EXPIRED)) {
+      this.failure = { code, reason };
+      this.#setState("closed");
+      this.#emit("closed", { type: "closed", code, reason });
+      return;
+    }
+    this.#emit("disconnected", { type: "disconnected", code, reason });
+    this.#scheduleReconnect();
+  }
+
+  #scheduleReconnect() {
+    this.#setState("waiting");
+    const delay = backoffDelay(this._attempt++, this._backoff);
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      if (!this._closing) this.#open();
+    }, delay);
+  }
+
+  // -- messages ------------------------------------------------------------------------------
+
+  #receive(socket, data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!message || typeof message !== "object") return;
+    if (message.type === "ping") {
+      socket.send('{"type":"pong"}');
+    } else if (message.type === "connected") {
+      this.#opened(socket, message);
+    } else if (message.type === "resync_required") {
+      this.#resubscribe(socket, true);
+    } else {
+      const collection = this.view.apply(message);
+      if (collection !== null) this.#emit("view", { type: "view", collection });
+    }
+    this.#emit(message.type, message);
+    this.#emit("*", message);
+  }
+
+  #opened(socket, message) {
+    this.connected = message;
+    this._attempt = 0;
+    this.#setState("open");
+    // With a position the server replays what was missed: subscriptions only narrow again.
+    // Without one, snapshots rebuild the views.
+    this.#resubscribe(socket, false);
+  }
+
+  #resubscribe(socket, snapshotOnly) {
+    const fresh = this.view.lastEventId === null;
+    for (const subscription of this._subscriptions.values()) {
+      if (snapshotOnly && !subscription.snapshot) continue;
+      const snapshot = subscription.snapshot && (fresh || snapshotOnly);
+      socket.send(JSON.stringify(subscribeMessage(subscription, snapshot)));
+    }
+  }
+
+  #setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.#emit("status", { type: "status", state });
+  }
+
+  #emit(kind, message) {
+    for (const callback of this._callbacks.get(kind) ?? []) {
+      try {
+        callback(message);
+      } catch (error) {
+        console.error(`realtime callback for ${kind} failed`, error);
+      }
+    }
+  }
+}
+
+function subscribeMessage({ id, collection, filter, fields }, snapshot) {
+  const message = { type: "subscribe", id, collection };
+  if (filter) message.filter = filter;
+  if (fields) message.fields = fields;
+  if (snapshot) message.snapshot = true;
+  return message;
+}
+
+function absoluteWebSocketUrl(url) {
+  if (/^wss?:\/\//.test(url)) return url;
+  const base = new URL(url, globalThis.location?.href);
+  base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
+  return base.toString();
+}
