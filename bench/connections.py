@@ -156,13 +156,9 @@ def idle_rows(results: dict[str, Any]) -> list[list[Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.prepare_loadgen()
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    with (
-        harness.workspace() as workdir,
-        harness.database(workdir, harness.needs_database(names)) as uri,
-    ):
-        targets = harness.select_targets(args.targets, uri, workdir, args.mdb_engine_python)
-        results = asyncio.run(run(args, targets, workdir))
+    with harness.setting(args) as setting:
+        targets = harness.select_targets(args.targets, setting)
+        results = asyncio.run(run(args, targets, setting.workdir))
     print("\nmemory per idle connection (server RSS growth / connections)")
     harness.print_table(
         ["target", "connections", "KiB/conn", "x engine", "handshakes/s"], summary_rows(results)
@@ -176,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections",
         {
             "config": vars(args),
+            "engine_commit": setting.engine_commit,
             "targets": {t.name: t.description for t in targets},
             "results": results,
         },

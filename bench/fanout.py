@@ -327,13 +327,9 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.prepare_loadgen()
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    with (
-        harness.workspace() as workdir,
-        harness.database(workdir, harness.needs_database(names)) as uri,
-    ):
-        targets = harness.select_targets(args.targets, uri, workdir, args.mdb_engine_python)
-        results = asyncio.run(run(args, targets, workdir))
+    with harness.setting(args) as setting:
+        targets = harness.select_targets(args.targets, setting)
+        results = asyncio.run(run(args, targets, setting.workdir))
     rows = summarize(results["trials"], [t.name for t in targets])
     print_summary(rows)
     for name, profile in results["profiles"].items():
@@ -342,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "fanout",
         {
             "config": vars(args),
+            "engine_commit": setting.engine_commit,
             "targets": {t.name: t.description for t in targets},
             "summary": rows,
             **results,

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.servers.common import BROADCAST_PATH, COUNT_PATH
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BENCH_MANIFESTS = REPO / "bench" / "manifests"
@@ -121,45 +123,30 @@ class Target:
     description: str
     command: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO  # first on the server's sys.path: where `engine` is imported from
     trigger_method: str = "POST"
-    has_bench_routes: bool = True  # False: the plain CLI, which has no /bench/* routes
+    has_bench_routes: bool = True  # False: the plain CLI, which has no /_bench/* routes
     unavailable: str = ""  # why it cannot run here, if it cannot
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where the targets of one run come from."""
+
+    database_uri: str
+    workdir: Path
+    mdb_engine_python: str
+    engine_dir: Path  # a folder holding the `engine` package to measure
+    engine_commit: str
 
 
 TARGET_NAMES = ("engine", "engine-asyncio", "engine-cli", "naive", "websockets", "mdb-engine")
 
 
-def make_target(name: str, database_uri: str, workdir: Path, mdb_engine_python: str) -> Target:
-    python, manifests = sys.executable, str(BENCH_MANIFESTS)
-    if name in ("engine", "engine-asyncio"):
-        loop = "uvloop" if name == "engine" else "asyncio"
-        return Target(
-            name,
-            f"mdb-realtime engine, broadcast_to_app, uvicorn websockets-sansio, {loop}",
-            (python, "-m", "bench.servers.engine_app", "--loop", loop, "--manifests", manifests),
-            _engine_env(database_uri, workdir),
-        )
-    if name == "engine-cli":
-        return Target(
-            name,
-            "mdb-realtime serve (the CLI as users start it: stdlib asyncio loop)",
-            (
-                python,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--port",
-                "0",
-                "--manifests",
-                manifests,
-                "--mongo-uri",
-                database_uri,
-                "--db",
-                _db_name(),
-            ),
-            _engine_env(database_uri, workdir),
-            has_bench_routes=False,
-        )
+def make_target(name: str, setting: Setting) -> Target:
+    if name.startswith("engine"):
+        return _engine_target(name, setting)
+    python = sys.executable
     if name == "naive":
         return Target(
             name,
@@ -174,14 +161,76 @@ def make_target(name: str, database_uri: str, workdir: Path, mdb_engine_python: 
             trigger_method="GET",
         )
     if name == "mdb-engine":
-        missing = "" if Path(mdb_engine_python).exists() else f"no {mdb_engine_python}"
+        interpreter = setting.mdb_engine_python
         return Target(
             name,
             "mdb-engine 0.1.6 create_websocket_endpoint + broadcast_to_app, uvicorn, uvloop",
-            (mdb_engine_python, "-m", "bench.servers.mdbengine_app"),
-            unavailable=missing,
+            (interpreter, "-m", "bench.servers.mdbengine_app"),
+            unavailable="" if Path(interpreter).exists() else f"no {interpreter}",
         )
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
+
+
+def _engine_target(name: str, setting: Setting) -> Target:
+    python, manifests = sys.executable, str(BENCH_MANIFESTS)
+    env = _engine_env(setting.database_uri, setting.workdir)
+    where = f"engine {setting.engine_commit[:10]}"
+    if name == "engine-cli":
+        return Target(
+            name,
+            f"mdb-realtime serve as users start it (stdlib asyncio loop), {where}",
+            (
+                python,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--port",
+                "0",
+                "--manifests",
+                manifests,
+                "--mongo-uri",
+                setting.database_uri,
+                "--db",
+                env["MDB_REALTIME_DB"],
+            ),
+            env,
+            cwd=setting.engine_dir,
+            has_bench_routes=False,
+        )
+    if name not in ("engine", "engine-asyncio"):
+        raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
+    loop = "uvloop" if name == "engine" else "asyncio"
+    return Target(
+        name,
+        f"broadcast_to_app in an app on the engine, uvicorn websockets-sansio, {loop}, {where}",
+        (python, "-m", "bench.servers.engine_app", "--loop", loop, "--manifests", manifests),
+        env,
+        cwd=setting.engine_dir,
+    )
+
+
+def engine_snapshot(ref: str, workdir: Path) -> tuple[Path, str]:
+    """The `engine` package as committed at `ref`, extracted under workdir; (folder, commit).
+
+    Others may be editing the working tree while a benchmark runs; a commit holds still.
+    `worktree` measures the working tree as it is.
+    """
+    if ref == "worktree":
+        return REPO, "worktree"
+    commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}").strip()
+    folder = workdir / f"engine-src-{commit[:10]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", commit, "engine"], cwd=REPO, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder, commit
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _db_name() -> str:
@@ -210,6 +259,11 @@ def add_target_arguments(parser: Any, default: Sequence[str]) -> None:
         default=os.environ.get("MDB_ENGINE_PYTHON", DEFAULT_MDB_ENGINE_PYTHON),
         help="interpreter of a virtualenv with mdb-engine==0.1.6 (default: %(default)s)",
     )
+    parser.add_argument(
+        "--engine-ref",
+        default="HEAD",
+        help="git commit of the engine to measure, or `worktree` (default: %(default)s)",
+    )
 
 
 # -- server processes ---------------------------------------------------------------------------
@@ -231,6 +285,8 @@ class Server:
         return self._process.pid
 
     def start(self, timeout: float = 60.0) -> Server:
+        # `python -m` puts the working folder first on sys.path, so `engine` comes from
+        # target.cwd; the benchmark servers come from this repository.
         env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
         # The server's output goes to a file: a pipe nobody drains would block a chatty server.
         with open(self.log_path, "wb") as log:
@@ -240,7 +296,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=REPO,
+                cwd=self.target.cwd,
                 preexec_fn=_server_preexec,
             )
         deadline = time.monotonic() + timeout
@@ -287,7 +343,7 @@ class Server:
     async def broadcast(self, count: int, size: int, interval: float, timeout: float) -> Any:
         query = f"count={count}&size={size}&interval={interval}"
         return await self.request(
-            f"/bench/broadcast?{query}", self.target.trigger_method, timeout=timeout
+            f"{BROADCAST_PATH}?{query}", self.target.trigger_method, timeout=timeout
         )
 
     async def wait_connections(self, expected: int, timeout: float = 60.0) -> None:
@@ -295,7 +351,7 @@ class Server:
         deadline = time.monotonic() + timeout
         seen = -1
         while time.monotonic() < deadline:
-            seen = (await self.request("/bench/count"))["connections"]
+            seen = (await self.request(COUNT_PATH))["connections"]
             if seen == expected:
                 return
             await asyncio.sleep(0.05)
@@ -413,15 +469,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def select_targets(
-    spec: str, database_uri: str, workdir: Path, mdb_engine_python: str
-) -> list[Target]:
+def select_targets(spec: str, setting: Setting) -> list[Target]:
     """The requested targets that can run here; the others are reported and skipped."""
     chosen = []
     for name in [n.strip() for n in spec.split(",") if n.strip()]:
-        target = make_target(name, database_uri, workdir, mdb_engine_python)
+        target = make_target(name, setting)
         if target.unavailable:
             print(f"skipping {name}: {target.unavailable}", file=sys.stderr)
             continue
         chosen.append(target)
     return chosen
+
+
+@contextlib.contextmanager
+def setting(args: Any) -> Iterator[Setting]:
+    """Scratch folder, database and engine snapshot for the targets named in `args.targets`."""
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    with workspace() as workdir, database(workdir, needs_database(names)) as uri:
+        engine_dir, commit = engine_snapshot(args.engine_ref, workdir)
+        yield Setting(uri, workdir, args.mdb_engine_python, engine_dir, commit)

@@ -211,13 +211,9 @@ def summary_rows(trials: list[dict[str, Any]], names: list[str]) -> list[list[An
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.prepare_loadgen()
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    with (
-        harness.workspace() as workdir,
-        harness.database(workdir, harness.needs_database(names)) as uri,
-    ):
-        targets = harness.select_targets(args.targets, uri, workdir, args.mdb_engine_python)
-        trials = asyncio.run(run(args, targets, workdir))
+    with harness.setting(args) as setting:
+        targets = harness.select_targets(args.targets, setting)
+        trials = asyncio.run(run(args, targets, setting.workdir))
     harness.print_table(
         [
             "target",
@@ -235,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "slow_consumer",
         {
             "config": vars(args),
+            "engine_commit": setting.engine_commit,
             "targets": {t.name: t.description for t in targets},
             "trials": trials,
         },

@@ -16,8 +16,9 @@ from urllib.parse import parse_qs
 
 SLUG = "bench"
 WS_PATH = "/bench/ws"
-BROADCAST_PATH = "/bench/broadcast"
-COUNT_PATH = "/bench/count"
+# Outside every app's URL space (`/<slug>/...`), where the engine has routes of its own.
+BROADCAST_PATH = "/_bench/broadcast"
+COUNT_PATH = "/_bench/count"
 MESSAGE_TYPE = "bcast"
 
 # What the engine and mdb-engine add to every broadcast; the servers without an engine add the

@@ -2,7 +2,7 @@
 
 `python -m bench.servers.engine_app --manifests DIR [--loop uvloop|asyncio]`, with
 MONGODB_URI and MDB_REALTIME_DB in the environment. It prints its URL like `mdb-realtime serve`.
-POST /bench/broadcast?count=M&size=S&interval=I calls `broadcast_to_app` M times.
+POST /_bench/broadcast?count=M&size=S&interval=I calls `broadcast_to_app` M times.
 """
 
 from __future__ import annotations

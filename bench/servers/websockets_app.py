@@ -1,7 +1,7 @@
 """The `websockets` library's own server, broadcasting with `websockets.asyncio.server.broadcast`.
 
 `python -m bench.servers.websockets_app [--loop uvloop|asyncio]`. The library answers plain HTTP
-only to GET, so here the broadcast route is GET /bench/broadcast?count=M&size=S&interval=I.
+only to GET, so here the broadcast route is GET /_bench/broadcast?count=M&size=S&interval=I.
 """
 
 from __future__ import annotations
