@@ -207,24 +207,34 @@ class RealtimeClient:
                     self._updated = asyncio.get_running_loop().create_future()
                 await asyncio.shield(self._updated)
 
-    async def next_message(
+    def next_message(
         self,
         kind: str | None = None,
         predicate: Callable[[dict[str, Any]], bool] | None = None,
         timeout: float = 10.0,
-    ) -> dict[str, Any]:
-        """The first message received from now on with type `kind` that satisfies `predicate`."""
+    ) -> Awaitable[dict[str, Any]]:
+        """The first message from now on with type `kind` that satisfies `predicate`. It is
+        registered at the call, so a message that arrives before the await is not missed:
+        `reply = client.next_message("echo"); await client.send(...); await reply`."""
 
         def wanted(message: dict[str, Any]) -> bool:
             return (kind is None or message.get("type") == kind) and (
                 predicate is None or predicate(message)
             )
 
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         entry = (wanted, future)
         self._watchers.append(entry)
+        return self._wait_for_message(entry, timeout)
+
+    async def _wait_for_message(
+        self,
+        entry: tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]],
+        timeout: float,
+    ) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(future, timeout)
+            message: dict[str, Any] = await asyncio.wait_for(entry[1], timeout)
+            return message
         finally:
             if entry in self._watchers:
                 self._watchers.remove(entry)
