@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,18 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from engine.auth import TokenVerifier
+from engine.changes import ChangeEvent
+from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
 from engine.endpoint import Endpoint, EndpointSettings
+from engine.history import History
 from engine.http_broadcast import add_broadcast_route
 from engine.hub import WebSocketConnectionManager
 from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
 from engine.metrics import EngineMetrics
 from engine.pages import add_app_page, mount_static, page_of
 from engine.realtime import MessageHandler, Realtime, claim_realtime
-from engine.router import Router
+from engine.recovery import Recovery
+from engine.router import Binding, Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
 from engine.transport import TransportAbortMiddleware
 from engine.watcher import Watcher, enable_pre_images
@@ -33,6 +37,7 @@ from engine.watcher import Watcher, enable_pre_images
 logger = logging.getLogger("engine.app")
 
 READY_TIMEOUT_SECONDS = 2.0
+CHECKPOINT_INTERVAL_SECONDS = 1.0
 
 
 class RegistrationError(ValueError):
@@ -56,6 +61,17 @@ class MongoDBEngine:
         self.metrics = EngineMetrics(self.realtime)
         self.router = Router()
         self._watchers: dict[str, Watcher] = {}
+        self._histories: dict[str, History] = {}
+        self.recovery = Recovery(
+            self.router,
+            self._histories,
+            self._watchers,
+            self._binding_collection,
+            snapshot_limit=self.settings.snapshot_limit,
+        )
+        self.router.snapshots = self.recovery.snapshot
+        self._checkpoints: CheckpointStore | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self._apps: dict[str, Manifest] = {}
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._running = False
@@ -72,11 +88,18 @@ class MongoDBEngine:
         await self._client.admin.command("ping")
         self.realtime.start()
         self._running = True
+        self._checkpoints = CheckpointStore(self._client[self.db_name][CHECKPOINT_COLLECTION])
         await self._sync_watchers()
+        self._checkpointing = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
         logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
 
     async def shutdown(self) -> None:
         self._running = False
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointing
+        await self._save_checkpoints()
         for watcher in self._watchers.values():
             await watcher.stop()
         self._watchers.clear()
@@ -179,7 +202,7 @@ class MongoDBEngine:
                 self.realtime,
                 lambda: self.verifier,
                 protocol_handlers=self.router.protocol_handlers(),
-                on_connect=self.router.attach,
+                on_connect=self.recovery.on_connect,
                 on_disconnect=self.router.detach,
                 stats=self.metrics.stats.endpoint(slug, name),
             )
@@ -256,11 +279,38 @@ class MongoDBEngine:
             await enable_pre_images(self._client[database], collections)
             watcher = self._watchers.get(database)
             if watcher is None:
-                watcher = Watcher(self._client, database, collections, self.router.route)
+                history = self._histories[database] = History(self.settings.history_events)
+                checkpoint = await self._checkpoints.load(database) if self._checkpoints else None
+                watcher = Watcher(
+                    self._client, database, collections, self._sink(history), checkpoint
+                )
                 self._watchers[database] = watcher
                 await watcher.start()
             elif watcher.collections != collections:
                 await watcher.watch(collections)
+
+    def _sink(self, history: History) -> Callable[[ChangeEvent], None]:
+        def route(event: ChangeEvent) -> None:
+            history.append(event)
+            self.router.route(event)
+
+        return route
+
+    def _binding_collection(self, binding: Binding) -> AsyncCollection[dict[str, Any]]:
+        if self._client is None:
+            raise RuntimeError("the engine is not initialized")
+        return self._client[binding.database][binding.physical]
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_SECONDS)
+            await self._save_checkpoints()
+
+    async def _save_checkpoints(self) -> None:
+        if self._checkpoints is None:
+            return
+        for database, watcher in self._watchers.items():
+            await self._checkpoints.save(database, watcher.resume_token)
 
     @property
     def watchers(self) -> dict[str, Watcher]:

@@ -41,7 +41,7 @@ class EndpointSettings:
 
 
 # A hook for protocol message types the engine answers itself (subscribe, unsubscribe).
-ProtocolHandler = Callable[[WebSocketConnection, dict[str, Any]], None]
+ProtocolHandler = Callable[[WebSocketConnection, dict[str, Any]], Awaitable[None] | None]
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None) -> bool:
@@ -78,7 +78,7 @@ class Endpoint:
         realtime: Realtime,
         verifier: Callable[[], TokenVerifier],
         protocol_handlers: Mapping[str, ProtocolHandler] | None = None,
-        on_connect: Callable[[WebSocketConnection], None] | None = None,
+        on_connect: Callable[[WebSocketConnection], Awaitable[None] | None] | None = None,
         on_disconnect: Callable[[WebSocketConnection], None] | None = None,
         stats: EndpointStats | None = None,
     ) -> None:
@@ -146,7 +146,10 @@ class Endpoint:
         manager.add(connection)
         self.realtime.start()
         if self._on_connect is not None:
-            self._on_connect(connection)
+            catching_up = self._on_connect(connection)
+            if catching_up is not None:
+                # Replaying history runs beside the receive loop, so pongs keep flowing.
+                connection.catch_up = asyncio.ensure_future(catching_up)
         return connection
 
     async def _receive_loop(self, websocket: WebSocket, connection: WebSocketConnection) -> None:
@@ -173,7 +176,9 @@ class Endpoint:
             return
         protocol_handler = self._protocol_handlers.get(kind)
         if protocol_handler is not None:
-            protocol_handler(connection, message)
+            outcome = protocol_handler(connection, message)
+            if outcome is not None:
+                await outcome
             return
         handler = self.realtime.handler(self.settings.app_slug, self.settings.name)
         if handler is None:

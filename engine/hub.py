@@ -41,25 +41,37 @@ CloseSocket = Callable[[int, str], Awaitable[None]]
 class Outbox:
     """A bounded FIFO of encoded frames drained by one writer task."""
 
-    __slots__ = ("_bytes", "_frames", "_limits", "_wakeup")
+    __slots__ = ("_bytes", "_closed", "_frames", "_limits", "_room", "_wakeup")
 
     def __init__(self, limits: QueueLimits) -> None:
         self._limits = limits
         self._frames: deque[str] = deque()
         self._bytes = 0
+        self._closed = False
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def _full_for(self, frame: str) -> bool:
+        # One frame larger than the byte bound still goes through an empty queue.
+        return len(self._frames) >= self._limits.max_messages or (
+            bool(self._frames) and self._bytes + len(frame) > self._limits.max_bytes
+        )
 
     def put(self, frame: str) -> bool:
         """Queue a frame; False when the queue is full (the frame is not queued)."""
-        if (
-            len(self._frames) >= self._limits.max_messages
-            or self._bytes + len(frame) > self._limits.max_bytes
-        ):
+        if self._closed or self._full_for(frame):
             return False
         self._frames.append(frame)
         self._bytes += len(frame)
         self._wakeup.set()
         return True
+
+    async def put_when_room(self, frame: str) -> bool:
+        """Queue a frame, waiting for room (replays pace themselves); False once closed."""
+        while not self._closed and self._full_for(frame):
+            self._room.clear()
+            await self._room.wait()
+        return self.put(frame)
 
     async def get(self) -> str:
         while not self._frames:
@@ -67,11 +79,15 @@ class Outbox:
             await self._wakeup.wait()
         frame = self._frames.popleft()
         self._bytes -= len(frame)
+        self._room.set()
         return frame
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Drop what is queued and release anyone waiting for room."""
+        self._closed = True
         self._frames.clear()
         self._bytes = 0
+        self._room.set()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -96,6 +112,8 @@ class WebSocketConnection:
     closing: bool = False
     stats: EndpointStats | None = None  # counters shared by the endpoint's connections
     views: dict[str, Any] = field(default_factory=dict)  # collection -> router.View
+    pending: Any = None  # router.PendingEvents while being brought up to date
+    catch_up: asyncio.Future[None] | None = None  # the resume replay, while it runs
     _writer: asyncio.Task[None] | None = None
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None
@@ -146,6 +164,12 @@ class WebSocketConnection:
         self.close(CloseCode.TRY_AGAIN_LATER, CloseReason.SLOW_CONSUMER)
         return False
 
+    async def send_paced(self, frame: str) -> bool:
+        """Queue a frame, waiting while the queue is full instead of overflowing it."""
+        if self.closing or self.outbox is None:
+            return False
+        return await self.outbox.put_when_room(frame)
+
     def send_message(self, message: dict[str, Any]) -> bool:
         return self.send(codec.dumps(message))
 
@@ -176,7 +200,9 @@ class WebSocketConnection:
             await self._close_socket(code, reason)
 
     def stop(self) -> None:
-        """Stop the writer and timers; called on close and when the client has gone."""
+        """Stop the writer, timers and replay; called on close and when the client has gone."""
+        if self.catch_up is not None and not self.catch_up.done():
+            self.catch_up.cancel()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -184,7 +210,7 @@ class WebSocketConnection:
             self._writer.cancel()
             self._writer = None
         if self.outbox is not None:
-            self.outbox.clear()
+            self.outbox.close()
 
     async def drain(self, timeout: float = 1.0) -> None:
         """Wait briefly until queued frames are written (used before a normal close)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,9 @@ from engine.query import Matcher, QueryError, compile_query, substitute_placehol
 logger = logging.getLogger("engine.router")
 
 LEFT_SCOPE = "left_scope"
+
+ProtocolHandler = Callable[["WebSocketConnection", dict[str, Any]], "Awaitable[None] | None"]
+SnapshotHandler = Callable[["WebSocketConnection", "View", "Subscription"], "Awaitable[None]"]
 DEFAULT_KNOWN_IDS_LIMIT = 10_000
 
 
@@ -110,7 +113,10 @@ class View:
             return self.sees(event.before)
         return self.unrestricted  # at worst a delete of a document outside a subscription
 
-    def _remember(self, document_id: Any) -> None:
+    def remember(self, document_id: Any) -> None:
+        """Note a document this connection was sent (only restricted views need to)."""
+        if self.unrestricted:
+            return
         key = _id_key(document_id)
         self.known_ids[key] = None
         self.known_ids.move_to_end(key)
@@ -133,13 +139,24 @@ class View:
         if document is None:  # deleted right after; its delete event follows
             return None
         if self.sees(document):
-            if not self.unrestricted:
-                self._remember(event.document_id)
+            self.remember(event.document_id)
             return (operation, None, self.fields_for(document))
         if operation != "insert" and self._was_visible(event):
             self._forget(event.document_id)
             return ("delete", LEFT_SCOPE, None)
         return None
+
+
+class PendingEvents:
+    """Events held back for a connection while it is being brought up to date."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Binding, ChangeEvent]] = []
+        self.ids: set[str] = set()
+
+    def add(self, binding: Binding, event: ChangeEvent) -> None:
+        self.items.append((binding, event))
+        self.ids.add(event.event_id)
 
 
 def _app_id_allowed(event: ChangeEvent, app_slug: str) -> bool:
@@ -158,6 +175,7 @@ class Router:
         self._by_namespace: dict[tuple[str, str], list[Binding]] = {}
         self._by_endpoint: dict[tuple[str, str], dict[str, Binding]] = {}
         self._members: dict[tuple[str, str], dict[int, WebSocketConnection]] = {}
+        self.snapshots: SnapshotHandler | None = None  # set by the engine: needs the database
 
     # -- bindings --------------------------------------------------------------------------
 
@@ -242,6 +260,9 @@ class Router:
             view = connection.views.get(binding.collection)
             if view is None or connection.closing:
                 continue
+            if connection.pending is not None:
+                connection.pending.add(binding, event)
+                continue
             decision = view.decide(event)
             if decision is None:
                 continue
@@ -263,12 +284,54 @@ class Router:
                 queued += 1
         return queued
 
+    def frames_for(self, connection: WebSocketConnection, event: ChangeEvent) -> list[str]:
+        """The frames one connection gets for one event (replays of history)."""
+        frames = []
+        for binding in self._by_namespace.get((event.database, event.collection), ()):
+            if (
+                binding.app_slug == connection.app_slug
+                and binding.endpoint == connection.endpoint
+                and event.operation in binding.operations
+                and _app_id_allowed(event, binding.app_slug)
+            ):
+                frame = self.frame_for(connection, binding, event)
+                if frame is not None:
+                    frames.append(frame)
+        return frames
+
+    def frame_for(
+        self, connection: WebSocketConnection, binding: Binding, event: ChangeEvent
+    ) -> str | None:
+        view = connection.views.get(binding.collection)
+        decision = view.decide(event) if view is not None else None
+        if decision is None:
+            return None
+        operation, reason, fields = decision
+        message = change_message(
+            event,
+            app_slug=binding.app_slug,
+            endpoint=binding.endpoint,
+            collection=binding.collection,
+            operation=operation,
+            fields=fields,
+            reason=reason,
+        )
+        return codec.dumps(message)
+
+    @staticmethod
+    def hold(connection: WebSocketConnection) -> None:
+        """Hold live events back for this connection until they are released."""
+        if connection.pending is None:
+            connection.pending = PendingEvents()
+
     # -- subscribe / unsubscribe -----------------------------------------------------------
 
-    def protocol_handlers(self) -> dict[str, Callable[[WebSocketConnection, dict[str, Any]], None]]:
+    def protocol_handlers(self) -> dict[str, ProtocolHandler]:
         return {protocol.SUBSCRIBE: self.subscribe, protocol.UNSUBSCRIBE: self.unsubscribe}
 
-    def subscribe(self, connection: WebSocketConnection, message: dict[str, Any]) -> None:
+    def subscribe(
+        self, connection: WebSocketConnection, message: dict[str, Any]
+    ) -> Awaitable[None] | None:
         sub_id = message.get("id")
         if not _valid_id(sub_id):
             _error(connection, ErrorCode.BAD_MESSAGE, "subscribe needs an `id` (string or number)")
@@ -302,15 +365,20 @@ class Router:
                 sub_id,
             )
             return
-        if message.get("snapshot"):
-            _error(connection, ErrorCode.BAD_MESSAGE, "snapshots are not available", sub_id)
-            return
+        snapshot = message.get("snapshot", False)
+        if not isinstance(snapshot, bool):
+            _error(connection, ErrorCode.BAD_MESSAGE, "`snapshot` must be true or false", sub_id)
+            return None
         self._drop_subscription(connection, sub_id)
         fields = narrow_fields(
             view.binding.fields, tuple(requested) if requested is not None else None
         )
-        view.subscriptions[sub_id] = Subscription(sub_id, view.binding.collection, matcher, fields)
+        subscription = Subscription(sub_id, view.binding.collection, matcher, fields)
+        if snapshot and self.snapshots is not None:
+            return self.snapshots(connection, view, subscription)
+        view.subscriptions[sub_id] = subscription
         connection.send_message({"type": "subscribed", "id": sub_id})
+        return None
 
     def unsubscribe(self, connection: WebSocketConnection, message: dict[str, Any]) -> None:
         sub_id = message.get("id")

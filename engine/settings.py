@@ -9,7 +9,9 @@ from pathlib import Path
 
 from engine.auth import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
+from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
+from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
 DEFAULT_DB_NAME = "mdb_realtime"
@@ -34,6 +36,8 @@ class EngineSettings:
     jwt_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
+    history_events: int = DEFAULT_HISTORY_EVENTS  # recent events kept in memory for resumes
+    snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
@@ -47,6 +51,8 @@ class EngineSettings:
             max_message_bytes=_int(
                 env, "MDB_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
+            history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
+            snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
             queue_limits=QueueLimits(
                 max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
                 max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),

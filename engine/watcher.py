@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid, OperationFailure, PyMongoError
 
-from engine.changes import LIFECYCLE_OPERATIONS, ChangeEvent, normalize
+from engine.changes import LIFECYCLE_OPERATIONS, ChangeEvent, event_id_of, normalize
 
 logger = logging.getLogger("engine.watcher")
 
@@ -32,13 +32,26 @@ EventSink = Callable[[ChangeEvent], Any]
 
 
 def build_pipeline(collections: Mapping[str, frozenset[str]]) -> list[dict[str, Any]]:
-    """A $match on exactly these collections and, for each, its operations."""
+    """A $match on exactly these collections and, for each, its operations (plus the events
+    that drop or invalidate them, which the watcher logs and handles)."""
+    names = sorted(collections)
     clauses: list[dict[str, Any]] = [
-        {"ns.coll": name, "operationType": {"$in": sorted(operations)}}
-        for name, operations in sorted(collections.items())
+        {"ns.coll": name, "operationType": {"$in": sorted(collections[name])}} for name in names
     ]
-    clauses.append({"operationType": {"$in": sorted(LIFECYCLE_OPERATIONS)}})
+    clauses.append({"ns.coll": {"$in": names}, "operationType": {"$in": ["drop", "rename"]}})
+    clauses.append({"operationType": {"$in": ["dropDatabase", "invalidate"]}})
     return [{"$match": {"$or": clauses}}]
+
+
+def stream_options(resume_token: Mapping[str, Any] | None, start_after: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "full_document": "updateLookup",
+        "full_document_before_change": "whenAvailable",
+        "max_await_time_ms": MAX_AWAIT_MS,
+    }
+    if resume_token is not None:
+        options["start_after" if start_after else "resume_after"] = resume_token
+    return options
 
 
 class Watcher:
@@ -122,13 +135,7 @@ class Watcher:
         return True
 
     async def _tail(self) -> None:
-        options: dict[str, Any] = {
-            "full_document": "updateLookup",
-            "full_document_before_change": "whenAvailable",
-            "max_await_time_ms": MAX_AWAIT_MS,
-        }
-        if self.resume_token is not None:
-            options["start_after" if self._start_after else "resume_after"] = self.resume_token
+        options = stream_options(self.resume_token, self._start_after)
         database = self.client[self.database]
         self._restart.clear()
         async with await database.watch(build_pipeline(self.collections), **options) as stream:
@@ -143,10 +150,33 @@ class Watcher:
                     if stream.resume_token is not None:
                         self.resume_token = stream.resume_token
                     continue
-                if self._handle(raw):
-                    self.resume_token = stream.resume_token
-                else:
+                if not self._handle(raw):
                     return
+                self.resume_token = stream.resume_token
+                # Let socket writers run between events: a burst (insert_many) is then paced
+                # to the readers instead of landing in their queues all at once.
+                await asyncio.sleep(0)
+
+    async def read_after(self, event_id: str) -> AsyncIterator[ChangeEvent | None]:
+        """The database's own history after `event_id`, through the same pipeline; None is
+        yielded whenever the stream is caught up with the server (the caller decides to stop).
+        Raises OperationFailure when the position is unknown or no longer in history."""
+        database = self.client[self.database]
+        options = stream_options({"_data": event_id}, start_after=False)
+        async with await database.watch(build_pipeline(self.collections), **options) as stream:
+            while True:
+                raw = await stream.try_next()
+                if raw is None:
+                    yield None
+                    continue
+                event = normalize(raw)
+                if event is not None:
+                    yield event
+
+    @property
+    def position(self) -> str | None:
+        """The stream's position: every event up to it has been routed."""
+        return event_id_of(self.resume_token) if self.resume_token is not None else None
 
     def _handle(self, raw: Mapping[str, Any]) -> bool:
         """Deliver one raw change; False when the stream must be reopened."""

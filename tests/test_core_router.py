@@ -19,7 +19,7 @@ from engine.auth import ANONYMOUS, Principal
 from engine.changes import ChangeEvent, cluster_time_iso
 from engine.hub import QueueLimits, WebSocketConnection
 from engine.manifest import parse_manifest
-from engine.router import LEFT_SCOPE, Router, View
+from engine.router import LEFT_SCOPE, Router, Subscription, View
 
 Doc = dict[str, Any]
 
@@ -1042,11 +1042,30 @@ def test_subscribe_with_empty_fields_shows_only_ids() -> None:
     assert connection.messages()[0]["document"] == {"_id": 1}
 
 
-def test_subscribe_snapshot_is_refused_without_subscribing() -> None:
+def test_subscribe_snapshot_is_handed_to_the_snapshot_handler() -> None:
+    router = make_router(SHOP)
+    connection = connect(router)
+    handed: list[tuple[View, Subscription]] = []
+
+    async def take_snapshot(_connection: Any, view: View, subscription: Subscription) -> None:
+        handed.append((view, subscription))
+
+    router.snapshots = take_snapshot
+    outcome = router.subscribe(
+        connection, {"type": "subscribe", "id": "s", "collection": "orders", "snapshot": True}
+    )
+    assert outcome is not None
+    outcome.close()  # type: ignore[attr-defined]  # a coroutine, not run in this sync test
+    # The handler registers the subscription itself, once the live events are held back.
+    assert connection.views["orders"].subscriptions == {}
+    assert connection.messages() == []
+
+
+def test_subscribe_snapshot_must_be_a_boolean() -> None:
     router = make_router(SHOP)
     connection = connect(router)
     assert_error(
-        subscribe(router, connection, id="s", collection="orders", snapshot=True),
+        subscribe(router, connection, id="s", collection="orders", snapshot="yes"),
         "bad_message",
         "s",
     )

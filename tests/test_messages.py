@@ -277,13 +277,13 @@ def close_code_seen(sock: socket.socket) -> int | None:
         if not chunk:
             return None
         data += chunk
-        while (frame := _next_frame(data, offset)) is not None:
+        while (frame := next_frame(data, offset)) is not None:
             opcode, payload, offset = frame
             if opcode == 0x8:
                 return int.from_bytes(payload[:2], "big")
 
 
-def _next_frame(data: bytearray, offset: int) -> tuple[int, bytes, int] | None:
+def next_frame(data: bytearray, offset: int) -> tuple[int, bytes, int] | None:
     """(opcode, payload, next offset) of the unmasked frame at `offset`, if wholly received."""
     if offset + 2 > len(data):
         return None
