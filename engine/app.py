@@ -31,6 +31,7 @@ from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
 from engine.router import Binding, Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
+from engine.stats import counting
 from engine.transport import TransportAbortMiddleware
 from engine.watcher import Watcher, enable_pre_images
 
@@ -281,9 +282,8 @@ class MongoDBEngine:
             if watcher is None:
                 history = self._histories[database] = History(self.settings.history_events)
                 checkpoint = await self._checkpoints.load(database) if self._checkpoints else None
-                watcher = Watcher(
-                    self._client, database, collections, self._sink(history), checkpoint
-                )
+                sink = counting(self.metrics.stats.watcher(database), self._sink(history))
+                watcher = Watcher(self._client, database, collections, sink, checkpoint)
                 self._watchers[database] = watcher
                 await watcher.start()
             elif watcher.collections != collections:

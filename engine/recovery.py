@@ -37,6 +37,17 @@ def resync_required(reason: str) -> dict[str, Any]:
     return {"type": "resync_required", "reason": reason}
 
 
+def _send_resync(connection: WebSocketConnection, reason: str) -> None:
+    if connection.stats is not None:
+        connection.stats.resyncs += 1
+    connection.send_message(resync_required(reason))
+
+
+def _count_resume(connection: WebSocketConnection) -> None:
+    if connection.stats is not None:
+        connection.stats.resumes += 1
+
+
 class Recovery:
     def __init__(
         self,
@@ -71,7 +82,7 @@ class Recovery:
             return self._replay_memory(connection, missed)
         watcher = self.watchers.get(database)
         if watcher is None:
-            connection.send_message(resync_required("unknown_position"))
+            _send_resync(connection, "unknown_position")
             return self.release(connection)
         target = history.last_id if history is not None else None
         return self._replay_database(connection, watcher, last_event_id, target)
@@ -86,6 +97,7 @@ class Recovery:
         try:
             for event in missed:
                 await self._send_paced(connection, event)
+            _count_resume(connection)
             self.on_resume("memory")
         finally:
             await self.release(connection)
@@ -115,14 +127,15 @@ class Recovery:
                 sent.add(event.event_id)
                 if event.event_id == target:
                     break
+            _count_resume(connection)
             self.on_resume("database")
         except OperationFailure as error:
             reason = "history_lost" if error.code == HISTORY_LOST_CODE else "unknown_position"
             logger.info("resume of %s failed: %s", connection.connection_id, error)
-            connection.send_message(resync_required(reason))
+            _send_resync(connection, reason)
         except PyMongoError as error:
             logger.warning("resume of %s failed: %s", connection.connection_id, error)
-            connection.send_message(resync_required("history_unavailable"))
+            _send_resync(connection, "history_unavailable")
         finally:
             await self.release(connection, sent)
 

@@ -8,9 +8,18 @@ in one process never mix figures.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from bson import Timestamp
+
+T = TypeVar("T")
+
+
+class _Event(Protocol):
+    @property
+    def cluster_time(self) -> Timestamp | None: ...
 
 
 @dataclass(slots=True)
@@ -40,6 +49,16 @@ class WatcherStats:
             self.last_cluster_time = moment
             # Cluster time has a resolution of one second; never report a negative lag.
             self.lag_seconds = max(0.0, (time.time() if now is None else now) - moment)
+
+
+def counting(stats: WatcherStats, sink: Callable[[Any], T]) -> Callable[[_Event], T]:
+    """`sink`, counting every event handed to it (a watcher's sink: the changes it read)."""
+
+    def count_then_sink(event: _Event) -> T:
+        stats.observe(event.cluster_time)
+        return sink(event)
+
+    return count_then_sink
 
 
 @dataclass

@@ -7,7 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
@@ -252,5 +254,18 @@ async def test_reconnect_resumes_what_was_missed(
             proxy.restore()
             await client.wait_until(lambda: ids(client) == {"r2"}, timeout=10)
             assert disconnects and disconnects[0]["code"] == 1006
+        assert await resumes_served(demo_app) >= 1
     finally:
         await proxy.close()
+
+
+async def resumes_served(app: RunningApp) -> float:
+    async with httpx.AsyncClient(base_url=app.server.url) as http:
+        text = (await http.get("/metrics")).text
+    labels = {"app": "todo", "endpoint": "realtime"}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mdb_realtime_resumes_total" and sample.labels == labels
+    )
