@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class ChangeEvent:
     removed_fields: Sequence[str] | None
     cluster_time: Timestamp | None
     timestamp: str  # cluster time as ISO-8601 UTC
+    # `document` is the state this change left (not a later lookup): always for inserts and
+    # replaces, and for updates rebuilt from the pre-image and the update description.
+    exact: bool = True
 
 
 def cluster_time_iso(cluster_time: Timestamp | None) -> str:
@@ -54,6 +58,14 @@ def normalize(raw: Mapping[str, Any]) -> ChangeEvent | None:
     namespace = raw.get("ns") or {}
     description = raw.get("updateDescription") or {}
     cluster_time = raw.get("clusterTime")
+    before = raw.get("fullDocumentBeforeChange")
+    document = raw.get("fullDocument") if operation != "delete" else None
+    exact = True
+    if operation == "update":
+        if before is not None:
+            document = apply_update_description(before, description)
+        else:
+            exact = False  # a lookup: the document as it is now, maybe after later writes
     return ChangeEvent(
         event_id=event_id_of(raw["_id"]),
         resume_token=raw["_id"],
@@ -61,13 +73,72 @@ def normalize(raw: Mapping[str, Any]) -> ChangeEvent | None:
         database=namespace.get("db", ""),
         collection=namespace.get("coll", ""),
         document_id=(raw.get("documentKey") or {}).get("_id"),
-        document=raw.get("fullDocument") if operation != "delete" else None,
-        before=raw.get("fullDocumentBeforeChange"),
+        document=document,
+        before=before,
         updated_fields=description.get("updatedFields") if operation == "update" else None,
         removed_fields=description.get("removedFields") if operation == "update" else None,
         cluster_time=cluster_time,
         timestamp=cluster_time_iso(cluster_time),
+        exact=exact,
     )
+
+
+def apply_update_description(
+    before: Mapping[str, Any], description: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The document an update left: its pre-image with the update description applied."""
+    document = copy.deepcopy(dict(before))
+    for path, value in (description.get("updatedFields") or {}).items():
+        _set_path(document, path.split("."), value)
+    for path in description.get("removedFields") or ():
+        _unset_path(document, path.split("."))
+    for truncation in description.get("truncatedArrays") or ():
+        array = _get_path(document, str(truncation.get("field", "")).split("."))
+        if isinstance(array, list):
+            del array[int(truncation.get("newSize", len(array))) :]
+    return document
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, list):
+        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    return node.get(part) if isinstance(node, Mapping) else None
+
+
+def _get_path(document: Any, parts: list[str]) -> Any:
+    for part in parts:
+        document = _child(document, part)
+    return document
+
+
+def _set_path(document: Any, parts: list[str], value: Any) -> None:
+    node = document
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if isinstance(node, list) and part.isdigit():
+            position = int(part)
+            node.extend([None] * (position + 1 - len(node)))
+            if last:
+                node[position] = value
+            elif not isinstance(node[position], dict | list):
+                node[position] = {}
+            node = node[position]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            elif not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            node = node[part] if not last else node
+        else:
+            return
+
+
+def _unset_path(document: Any, parts: list[str]) -> None:
+    parent = _get_path(document, parts[:-1])
+    if isinstance(parent, dict):
+        parent.pop(parts[-1], None)
+    elif isinstance(parent, list) and parts[-1].isdigit() and int(parts[-1]) < len(parent):
+        parent[int(parts[-1])] = None  # $unset on an element leaves null, as MongoDB does
 
 
 # -- projection ------------------------------------------------------------------------------
@@ -223,13 +294,19 @@ def change_message(
     operation: str,
     fields: Fields,
     reason: str | None = None,
+    describe_update: bool = True,
 ) -> dict[str, Any]:
     """The `change` message one group of connections receives for an event."""
     document = None
     update = None
     if operation != "delete" and event.document is not None:
         document = project(event.document, fields)
-        if operation == "update" and event.updated_fields is not None and reason is None:
+        if (
+            operation == "update"
+            and describe_update
+            and event.updated_fields is not None
+            and reason is None
+        ):
             update = project_update(
                 event.updated_fields, event.removed_fields or (), fields, event.document
             )

@@ -11,7 +11,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine import codec, protocol
 from engine.changes import (
@@ -48,6 +48,15 @@ class Binding:
     filter: Matcher
     scope: Mapping[str, Any] | None
     fields: Fields
+
+
+class Decision(NamedTuple):
+    """What one connection gets for one event; equal decisions share one encoded frame."""
+
+    operation: str
+    reason: str | None
+    fields: Fields
+    describe_update: bool
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class View:
     def _forget(self, document_id: Any) -> None:
         self.known_ids.pop(_id_key(document_id), None)
 
-    def decide(self, event: ChangeEvent) -> tuple[str, str | None, Fields] | None:
+    def decide(self, event: ChangeEvent) -> Decision | None:
         """(operation, reason, fields) this connection gets for `event`, or None."""
         if self.never:
             return None
@@ -134,16 +143,19 @@ class View:
         if operation == "delete":
             was_visible = self._was_visible(event)
             self._forget(event.document_id)
-            return ("delete", None, None) if was_visible else None
+            return Decision("delete", None, None, False) if was_visible else None
         document = event.document
         if document is None:  # deleted right after; its delete event follows
             return None
         if self.sees(document):
             self.remember(event.document_id)
-            return (operation, None, self.fields_for(document))
+            # An update description from a lookup (no pre-image) may show a state this
+            # connection could not see: only unrestricted views get it then.
+            describe = event.exact or self.unrestricted
+            return Decision(operation, None, self.fields_for(document), describe)
         if operation != "insert" and self._was_visible(event):
             self._forget(event.document_id)
-            return ("delete", LEFT_SCOPE, None)
+            return Decision("delete", LEFT_SCOPE, None, False)
         return None
 
 
@@ -254,7 +266,7 @@ class Router:
     def _route_to_members(
         self, event: ChangeEvent, binding: Binding, members: list[WebSocketConnection]
     ) -> int:
-        frames: dict[tuple[str, str | None, Fields], str] = {}
+        frames: dict[Decision, str] = {}
         queued = 0
         for connection in members:
             view = connection.views.get(binding.collection)
@@ -268,18 +280,7 @@ class Router:
                 continue
             frame = frames.get(decision)
             if frame is None:
-                operation, reason, fields = decision
-                frame = frames[decision] = codec.dumps(
-                    change_message(
-                        event,
-                        app_slug=binding.app_slug,
-                        endpoint=binding.endpoint,
-                        collection=binding.collection,
-                        operation=operation,
-                        fields=fields,
-                        reason=reason,
-                    )
-                )
+                frame = frames[decision] = self._encode(event, binding, decision)
             if connection.send(frame):
                 queued += 1
         return queued
@@ -306,15 +307,19 @@ class Router:
         decision = view.decide(event) if view is not None else None
         if decision is None:
             return None
-        operation, reason, fields = decision
+        return self._encode(event, binding, decision)
+
+    @staticmethod
+    def _encode(event: ChangeEvent, binding: Binding, decision: Decision) -> str:
         message = change_message(
             event,
             app_slug=binding.app_slug,
             endpoint=binding.endpoint,
             collection=binding.collection,
-            operation=operation,
-            fields=fields,
-            reason=reason,
+            operation=decision.operation,
+            fields=decision.fields,
+            reason=decision.reason,
+            describe_update=decision.describe_update,
         )
         return codec.dumps(message)
 
