@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from engine.auth import TokenVerifier
+from engine.bus import Bus
 from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
 from engine.endpoint import Endpoint, EndpointSettings
@@ -71,6 +73,9 @@ class MongoDBEngine:
             snapshot_limit=self.settings.snapshot_limit,
         )
         self.router.snapshots = self.recovery.snapshot
+        self.origin = uuid.uuid4().hex  # this process on the bus
+        self.router.origin = self.origin
+        self.bus: Bus | None = None
         self._checkpoints: CheckpointStore | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self._apps: dict[str, Manifest] = {}
@@ -91,11 +96,20 @@ class MongoDBEngine:
         self._running = True
         self._checkpoints = CheckpointStore(self._client[self.db_name][CHECKPOINT_COLLECTION])
         await self._sync_watchers()
+        self.bus = Bus(
+            self._client, self.router.app_database, self.origin, self.settings.bus_ttl_seconds
+        )
+        await self.bus.start(set(self.router.namespaces()))
+        self.realtime.publisher = self.bus.publish
         self._checkpointing = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
         logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
 
     async def shutdown(self) -> None:
         self._running = False
+        self.realtime.publisher = None
+        if self.bus is not None:
+            await self.bus.stop()
+            self.bus = None
         if self._checkpointing is not None:
             self._checkpointing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

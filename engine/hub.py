@@ -275,7 +275,11 @@ class WebSocketConnectionManager:
 
     def broadcast_now(self, message: dict[str, Any], filter_by_user: str | None = None) -> int:
         """Queue a message for every connection of the app (or of one user); the count queued."""
-        frame = codec.dumps(stamp_app_message(message, self.app_slug))
+        return self.broadcast_frame(
+            codec.dumps(stamp_app_message(message, self.app_slug)), filter_by_user
+        )
+
+    def broadcast_frame(self, frame: str, filter_by_user: str | None = None) -> int:
         return self.send_frame(frame, self._recipients(filter_by_user))
 
     def _recipients(self, user_id: str | None) -> Iterable[WebSocketConnection]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine import codec, protocol
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
-from engine.protocol import CloseCode, CloseReason
+from engine.protocol import CloseCode, CloseReason, stamp_app_message
 
 logger = logging.getLogger("engine.realtime")
 
@@ -63,6 +63,8 @@ class Realtime:
         self._handlers: dict[tuple[str, str], RegisteredHandler] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self.claimed = False
+        # Set by a running engine: carries broadcasts to the other processes (the bus).
+        self.publisher: Callable[[str, dict[str, Any], str | None], object] | None = None
 
     def manager(self, app_slug: str) -> WebSocketConnectionManager:
         manager = self._managers.get(app_slug)
@@ -92,18 +94,26 @@ class Realtime:
         self, app_slug: str, message: dict[str, Any], user_id: str | None = None
     ) -> int:
         """Queue `message` for the app's connections on this process; the count reached."""
-        if not isinstance(message, dict):
-            raise TypeError("a broadcast message must be a dict")
+        return self._deliver(app_slug, stamp_app_message(_checked(message), app_slug), user_id)
+
+    def _deliver(self, app_slug: str, stamped: dict[str, Any], user_id: str | None) -> int:
         manager = self._managers.get(app_slug)
+        frame = codec.dumps(stamped)  # also proves the message can be encoded
         if manager is None:
             return 0
-        return manager.broadcast_now(message, user_id)
+        return manager.broadcast_frame(frame, user_id)
 
     async def broadcast(
         self, app_slug: str, message: dict[str, Any], user_id: str | None = None
     ) -> int:
-        """Broadcast for app code; the connections reached on this process."""
-        return self.broadcast_local(app_slug, message, user_id)
+        """Broadcast for app code: this process's connections at once, the other processes
+        through the bus. Returns the connections reached on this process."""
+        stamped = stamp_app_message(_checked(message), app_slug)
+        user = str(user_id) if user_id is not None else None
+        reached = self._deliver(app_slug, stamped, user)
+        if self.publisher is not None:
+            self.publisher(app_slug, stamped, user)
+        return reached
 
     def start(self) -> None:
         """Start the keepalive sweeper (idempotent; needs a running event loop)."""
@@ -142,6 +152,12 @@ class Realtime:
                     ping_frame = codec.dumps(protocol.ping_message())
                 connection.last_ping_sent = now
                 connection.send(ping_frame)
+
+
+def _checked(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise TypeError(f"a broadcast message must be a dict, not {type(message).__name__}")
+    return message
 
 
 _default: Realtime | None = None

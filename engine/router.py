@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from engine import codec, protocol
+from engine.bus import BUS_COLLECTION, parse_bus_document
 from engine.changes import (
     ChangeEvent,
     Fields,
@@ -163,10 +164,10 @@ class PendingEvents:
     """Events held back for a connection while it is being brought up to date."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[Binding, ChangeEvent]] = []
+        self.items: list[tuple[Binding | None, ChangeEvent]] = []  # None: a broadcast
         self.ids: set[str] = set()
 
-    def add(self, binding: Binding, event: ChangeEvent) -> None:
+    def add(self, binding: Binding | None, event: ChangeEvent) -> None:
         self.items.append((binding, event))
         self.ids.add(event.event_id)
 
@@ -188,12 +189,15 @@ class Router:
         self._by_endpoint: dict[tuple[str, str], dict[str, Binding]] = {}
         self._members: dict[tuple[str, str], dict[int, WebSocketConnection]] = {}
         self.snapshots: SnapshotHandler | None = None  # set by the engine: needs the database
+        self.origin = ""  # this process on the bus: its own broadcasts were delivered already
+        self._app_databases: dict[str, str] = {}
 
     # -- bindings --------------------------------------------------------------------------
 
     def add_app(self, manifest: Manifest, default_database: str) -> list[Binding]:
         bindings = []
         database = manifest.physical_database(default_database)
+        self._app_databases[manifest.slug] = database
         for endpoint_name, endpoint in manifest.websockets.items():
             per_endpoint = self._by_endpoint.setdefault((manifest.slug, endpoint_name), {})
             for collection, watch in endpoint.watch.items():
@@ -219,7 +223,12 @@ class Router:
         for (database, physical), bindings in self._by_namespace.items():
             operations = frozenset().union(*(b.operations for b in bindings))
             result.setdefault(database, {})[physical] = operations
+        for database in self._app_databases.values():
+            result.setdefault(database, {})[BUS_COLLECTION] = frozenset({"insert"})
         return result
+
+    def app_database(self, app_slug: str) -> str | None:
+        return self._app_databases.get(app_slug)
 
     def bindings_of(self, app_slug: str, endpoint: str) -> dict[str, Binding]:
         return self._by_endpoint.get((app_slug, endpoint), {})
@@ -249,6 +258,8 @@ class Router:
 
     def route(self, event: ChangeEvent) -> int:
         """Queue `event` for every connection that may see it; the number of frames queued."""
+        if event.collection == BUS_COLLECTION:
+            return self._route_broadcast(event)
         bindings = self._by_namespace.get((event.database, event.collection))
         if not bindings:
             return 0
@@ -261,6 +272,26 @@ class Router:
             members = self._members.get((binding.app_slug, binding.endpoint))
             if members:
                 queued += self._route_to_members(event, binding, list(members.values()))
+        return queued
+
+    def _route_broadcast(self, event: ChangeEvent) -> int:
+        published = parse_bus_document(event.document or {})
+        if published is None or published.origin == self.origin:
+            return 0  # this process delivered its own broadcast when it was made
+        if self._app_databases.get(published.app_slug) != event.database:
+            return 0  # only the app's own database carries its broadcasts
+        frame = codec.dumps(published.message)
+        queued = 0
+        for (slug, _endpoint), members in list(self._members.items()):
+            if slug != published.app_slug:
+                continue
+            for connection in list(members.values()):
+                if published.user_id is not None and connection.user_id != published.user_id:
+                    continue
+                if connection.pending is not None:
+                    connection.pending.add(None, event)
+                elif connection.send(frame):
+                    queued += 1
         return queued
 
     def _route_to_members(
@@ -287,6 +318,9 @@ class Router:
 
     def frames_for(self, connection: WebSocketConnection, event: ChangeEvent) -> list[str]:
         """The frames one connection gets for one event (replays of history)."""
+        if event.collection == BUS_COLLECTION:
+            frame = self.frame_for(connection, None, event)
+            return [frame] if frame is not None else []
         frames = []
         for binding in self._by_namespace.get((event.database, event.collection), ()):
             if (
@@ -301,8 +335,17 @@ class Router:
         return frames
 
     def frame_for(
-        self, connection: WebSocketConnection, binding: Binding, event: ChangeEvent
+        self, connection: WebSocketConnection, binding: Binding | None, event: ChangeEvent
     ) -> str | None:
+        if binding is None:  # a broadcast from the bus; replays include this process's own
+            published = parse_bus_document(event.document or {})
+            if (
+                published is None
+                or published.app_slug != connection.app_slug
+                or (published.user_id is not None and published.user_id != connection.user_id)
+            ):
+                return None
+            return codec.dumps(published.message)
         view = connection.views.get(binding.collection)
         decision = view.decide(event) if view is not None else None
         if decision is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.auth import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
+from engine.bus import DEFAULT_BUS_TTL_SECONDS
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
@@ -38,6 +39,7 @@ class EngineSettings:
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
     history_events: int = DEFAULT_HISTORY_EVENTS  # recent events kept in memory for resumes
     snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
+    bus_ttl_seconds: int = DEFAULT_BUS_TTL_SECONDS  # how long broadcasts stay for resumes
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
@@ -51,6 +53,7 @@ class EngineSettings:
             max_message_bytes=_int(
                 env, "MDB_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
+            bus_ttl_seconds=_int(env, "MDB_REALTIME_BUS_TTL_SECONDS", DEFAULT_BUS_TTL_SECONDS),
             history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
             snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
             queue_limits=QueueLimits(

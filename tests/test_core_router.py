@@ -17,6 +17,7 @@ from bson import ObjectId, Timestamp
 
 from engine import codec
 from engine.auth import ANONYMOUS, Principal
+from engine.bus import BUS_COLLECTION
 from engine.changes import ChangeEvent, cluster_time_iso
 from engine.hub import QueueLimits, WebSocketConnection
 from engine.manifest import parse_manifest
@@ -646,7 +647,9 @@ def test_namespaces_union_operations_per_physical_collection() -> None:
     assert namespaces["db"]["shop_items"] == frozenset({"insert", "delete"})
     assert namespaces["db"]["shop_orders"] == all_ops
     assert namespaces["db"]["blog_posts"] == all_ops
-    assert namespaces["otherdb"] == {"x_news": all_ops}
+    # Every app database also carries the broadcast bus, inserts only.
+    assert namespaces["otherdb"] == {"x_news": all_ops, BUS_COLLECTION: frozenset({"insert"})}
+    assert namespaces["db"][BUS_COLLECTION] == frozenset({"insert"})
 
 
 def test_events_reach_only_the_app_of_their_namespace() -> None:
