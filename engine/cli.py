@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default=None, help="data folder (default: .mdb-realtime)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
+        "--workers", type=int, default=1, help="engine processes sharing the port (default 1)"
+    )
+    serve.add_argument(
         "--ws",
         default="websockets-sansio",
         choices=["websockets", "websockets-sansio", "wsproto"],
@@ -149,12 +152,71 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     try:
+        if args.workers > 1:
+            return _run_workers(args, settings, mongo_uri)
         return asyncio.run(_run_server(args, settings, mongo_uri))
     except KeyboardInterrupt:
         return 0
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+# Worker processes rebuild the app from these (set by the parent before it starts them).
+_WORKER_MANIFESTS = "MDB_REALTIME_WORKER_MANIFESTS"
+_WORKER_MONGO_URI = "MDB_REALTIME_WORKER_MONGO_URI"
+_WORKER_DB = "MDB_REALTIME_WORKER_DB"
+
+
+def _run_workers(args: argparse.Namespace, settings: EngineSettings, mongo_uri: str) -> int:
+    """N processes on one listening socket (uvicorn's supervisor); each is a full engine that
+    tails the change streams itself, and broadcasts reach all of them through the bus."""
+    from uvicorn.supervisors import Multiprocess
+
+    from engine.manifest import ManifestError, find_manifests, load_manifest_file
+
+    try:  # refuse bad manifests once, clearly, before starting anything
+        apps = [load_manifest_file(path) for path in find_manifests(args.manifests)]
+    except (ManifestError, ValueError, OSError) as error:
+        print(f"mdb-realtime: cannot serve {args.manifests}:\n{error}", file=sys.stderr)
+        return 1
+    os.environ[_WORKER_MANIFESTS] = str(Path(args.manifests).resolve())
+    os.environ[_WORKER_MONGO_URI] = mongo_uri
+    os.environ[_WORKER_DB] = args.db or ""
+    os.environ["MDB_REALTIME_DATA_DIR"] = str(settings.data_dir.resolve())
+    config = uvicorn.Config(
+        "engine.cli:worker_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        ws=args.ws,
+        ws_max_size=max(TRANSPORT_MAX_FRAME_BYTES, 4 * settings.max_message_bytes),
+        log_config=None,
+        lifespan="on",
+    )
+    sock = config.bind_socket()
+    sock.listen(config.backlog)  # connections wait in the backlog until a worker is up
+    port = sock.getsockname()[1]
+    print(
+        f"mdb-realtime serving {len(apps)} app(s) on http://{args.host}:{port} "
+        f"with {args.workers} workers",
+        flush=True,
+    )
+    Multiprocess(config, sockets=[sock]).run()
+    return 0
+
+
+def worker_app() -> Any:
+    """The app of one worker process (see `_run_workers`)."""
+    from engine.app import MongoDBEngine
+    from engine.logs import install_redaction
+
+    install_redaction()
+    engine = MongoDBEngine(
+        os.environ[_WORKER_MONGO_URI], os.environ.get(_WORKER_DB) or None, settings=_settings(None)
+    )
+    return engine.create_app(os.environ[_WORKER_MANIFESTS])
 
 
 def _embedded_log_path(data_dir: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -128,3 +129,63 @@ async def test_changes_reach_every_process_and_a_client_moves_without_gap(
     finally:
         await b.close()
         await mongo.close()
+
+
+async def test_serve_with_workers_shares_one_port_and_stops_cleanly(
+    mongo_uri: str, tmp_path: Path
+) -> None:
+    import signal
+    import sys
+
+    env = engine_env(mongo_uri, tmp_path, MDB_REALTIME_DB="workers_db")
+    command = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--manifests",
+        str(CHANGE_MANIFESTS),
+    ]
+    server = ServerProcess(command, env, tmp_path / "workers.log").start(timeout=60)
+    try:
+        assert "with 2 workers" in "".join(server.stdout_lines)
+        # Connections spread over both workers; a broadcast reaches all of them via the bus.
+        clients = [await client(server, f"u{n}") for n in range(8)]
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            token = issue_token(
+                TEST_SECRET, app_slug="shop", user_id="svc", claims={"role": "service"}
+            )
+            response = await http.post(
+                "/shop/broadcast",
+                json={"message": {"type": "to-all"}},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert response.status_code == 200, response.text
+        for ws in clients:
+            assert len(await messages_of_type(ws, "to-all")) == 1
+            await ws.close()
+        pids = worker_pids(server.pid)
+        workers = [pid for pid in pids if "resource_tracker" not in command_line(pid)]
+        assert len(workers) == 2
+    finally:
+        server.signal(signal.SIGTERM)
+        code = server.wait(30)
+    assert code == 0
+    for _ in range(50):  # the workers are gone soon after their supervisor
+        if not any(Path(f"/proc/{pid}").exists() for pid in workers):
+            break
+        await asyncio.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker is left"
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def worker_pids(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
