@@ -1,8 +1,7 @@
-"""Shared fixtures: a real database (SecantusDB child process or MONGODB_URI), engine servers."""
+"""Shared fixtures: a real database (see tests/databases.py), engine servers."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.embedded import EmbeddedDatabase
+from tests import databases
 from tests.support import (
     CHANGE_MANIFESTS,
     REPO,
@@ -23,26 +22,20 @@ from tests.support import (
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    if os.environ.get("MONGODB_URI"):
-        return "database: MONGODB_URI (external MongoDB)"
-    return "database: SecantusDB child process (embedded)"
+    return f"database: {databases.chosen().describe()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if databases.used_kind() is not databases.chosen().kind:
+        terminalreporter.write_line(f"database used: {databases.used_kind()}")
 
 
 @pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a MongoDB-compatible server with change streams, for the whole session."""
-    external = os.environ.get("MONGODB_URI")
-    if external:
-        yield external
-        return
-    folder = tmp_path_factory.mktemp("secantus")
-    database = EmbeddedDatabase(":memory:")
-    os.environ.setdefault("TMPDIR", str(folder))
-    database.start(log_path=folder / "secantus.log")
-    try:
-        yield database.uri
-    finally:
-        database.stop()
+    """URI of a MongoDB-compatible server with change streams, for the whole session: the one
+    `tests/databases.py` chooses (MONGODB_URI, else a mongo:8 container, else SecantusDB)."""
+    with databases.session_database(tmp_path_factory.mktemp("database")) as uri:
+        yield uri
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from pymongo import AsyncMongoClient
 
 from engine.embedded import EmbeddedDatabase, free_port
 from tests.conftest import RunningApp, start_app_server
+from tests.databases import needs_embedded
 from tests.support import CHANGE_MANIFESTS
 from tests.test_changes import changes, client_for
 
@@ -33,8 +33,9 @@ async def wait_for_status(app: RunningApp, status: int, timeout: float = 60.0) -
 @pytest.fixture
 def own_database(tmp_path: Path) -> Iterator[EmbeddedDatabase]:
     """A database of this test alone, on disk, so it can be killed and restarted."""
-    if os.environ.get("MONGODB_URI"):
-        pytest.skip("restarts the database: needs the embedded one")
+    skip = needs_embedded("restarts the database")
+    if skip:
+        pytest.skip(skip)
     database = EmbeddedDatabase(tmp_path / "db", port=free_port())
     database.start(log_path=tmp_path / "db.log")
     try:
