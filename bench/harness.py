@@ -95,6 +95,49 @@ def core_busy_seconds(core: int) -> float:
     raise RuntimeError(f"no cpu{core} in /proc/stat")
 
 
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+@dataclass
+class Noise:
+    """CPU that other processes took on the server's and the load generator's cores.
+
+    This machine is shared: a trial during which others ran on either core is not comparable.
+    """
+
+    server_pid: int
+    started: float
+    server_core: float
+    loadgen_core: float
+    server_cpu: float
+    own_cpu: float
+
+    @classmethod
+    def start(cls, server_pid: int) -> Noise:
+        return cls(
+            server_pid,
+            time.monotonic(),
+            core_busy_seconds(SERVER_CORE),
+            core_busy_seconds(LOADGEN_CORE),
+            cpu_seconds(server_pid),
+            own_cpu_seconds(),
+        )
+
+    def percent(self) -> dict[str, float]:
+        """Others' share of each core since `start`, in percent."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        server = core_busy_seconds(SERVER_CORE) - self.server_core
+        server -= cpu_seconds(self.server_pid) - self.server_cpu
+        loadgen = core_busy_seconds(LOADGEN_CORE) - self.loadgen_core
+        loadgen -= own_cpu_seconds() - self.own_cpu
+        return {
+            "others_on_server_core_pct": 100 * max(0.0, server) / elapsed,
+            "others_on_loadgen_core_pct": 100 * max(0.0, loadgen) / elapsed,
+        }
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
