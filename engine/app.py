@@ -63,6 +63,7 @@ class MongoDBEngine:
         self.realtime: Realtime = claim_realtime()
         self.metrics = EngineMetrics(self.realtime)
         self.router = Router()
+        self.router.max_subscriptions = self.settings.client_limits.subscriptions_per_connection
         self._watchers: dict[str, Watcher] = {}
         self._histories: dict[str, History] = {}
         self.recovery = Recovery(
@@ -213,6 +214,7 @@ class MongoDBEngine:
                     allowed_origins=_allowed_origins(manifest),
                     max_message_bytes=self.settings.max_message_bytes,
                     queue_limits=self.settings.queue_limits,
+                    client_limits=self.settings.client_limits,
                 ),
                 self.realtime,
                 lambda: self.verifier,

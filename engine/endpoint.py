@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from engine import codec, protocol
 from engine.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_token
 from engine.hub import QueueLimits, WebSocketConnection
+from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
 from engine.stats import EndpointStats
@@ -38,6 +39,7 @@ class EndpointSettings:
     allowed_origins: tuple[str, ...] | None = None  # None: any Origin
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
 
 
 # A hook for protocol message types the engine answers itself (subscribe, unsubscribe).
@@ -105,13 +107,35 @@ class Endpoint:
             await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=str(refused.reason))
             return
         await websocket.accept()
+        address = websocket.client.host if websocket.client else "unknown"
+        refusal = self._over_connection_limits(principal, address)
+        if refusal is not None:
+            await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=refusal)
+            return
         connection = self._open(websocket, principal)
         try:
             await self._receive_loop(websocket, connection)
+            await connection.wait_closed()  # the server's close frame goes out before we end
         finally:
+            self.realtime.addresses.remove(address)
             self.realtime.manager(settings.app_slug).remove(connection)
             if self._on_disconnect is not None:
                 self._on_disconnect(connection)
+
+    def _over_connection_limits(self, principal: Principal, address: str) -> str | None:
+        """The close reason when this connection would exceed a limit, else None (counted)."""
+        limits = self.settings.client_limits
+        manager = self.realtime.manager(self.settings.app_slug)
+        if (
+            principal.user_id is not None
+            and limits.connections_per_user > 0
+            and manager.get_connection_count_by_user(principal.user_id)
+            >= limits.connections_per_user
+        ):
+            return CloseReason.TOO_MANY_CONNECTIONS
+        if not self.realtime.addresses.try_add(address, limits.connections_per_ip):
+            return CloseReason.TOO_MANY_CONNECTIONS
+        return None
 
     def _open(self, websocket: WebSocket, principal: Principal) -> WebSocketConnection:
         settings = self.settings
@@ -153,6 +177,8 @@ class Endpoint:
         return connection
 
     async def _receive_loop(self, websocket: WebSocket, connection: WebSocketConnection) -> None:
+        limits = self.settings.client_limits
+        rate = MessageRate(limits.messages_per_second, limits.message_burst)
         while not connection.closing:
             try:
                 frame = await websocket.receive()
@@ -163,7 +189,22 @@ class Endpoint:
             connection.last_received = time.monotonic()
             if connection.closing:  # closed by the server meanwhile: process nothing more
                 return
+            if not rate.allow(connection.last_received):
+                self._refuse_for_rate(connection, rate)
+                continue
             await self._handle_frame(websocket, connection, frame)
+
+    def _refuse_for_rate(self, connection: WebSocketConnection, rate: MessageRate) -> None:
+        limits = self.settings.client_limits
+        if rate.strikes > limits.message_burst:
+            connection.close(CloseCode.POLICY_VIOLATION, CloseReason.RATE_LIMITED)
+            return
+        if rate.strikes == 1:  # one answer per run of refusals, not one per message
+            _reply_error(
+                connection,
+                ErrorCode.RATE_LIMITED,
+                f"more than {limits.messages_per_second:g} messages per second: message dropped",
+            )
 
     async def _handle_frame(
         self, websocket: WebSocket, connection: WebSocketConnection, frame: Mapping[str, Any]

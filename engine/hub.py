@@ -117,6 +117,7 @@ class WebSocketConnection:
     _writer: asyncio.Task[None] | None = None
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None
+    _closing: asyncio.Task[None] | None = None
 
     def start(
         self,
@@ -193,7 +194,14 @@ class WebSocketConnection:
         self.stop()
         if self._on_close is not None:
             self._on_close(self, code)
-        asyncio.get_running_loop().create_task(self._close_socket_quietly(code, reason))
+        self._closing = asyncio.get_running_loop().create_task(
+            self._close_socket_quietly(code, reason)
+        )
+
+    async def wait_closed(self) -> None:
+        """Wait until a close started by the server has been sent."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
 
     async def _close_socket_quietly(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

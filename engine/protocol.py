@@ -24,6 +24,8 @@ class CloseReason(StrEnum):
     TOKEN_EXPIRED = "token expired"
     SLOW_CONSUMER = "slow consumer"
     KEEPALIVE_TIMEOUT = "keepalive timeout"
+    TOO_MANY_CONNECTIONS = "too many connections"
+    RATE_LIMITED = "rate limited"
 
 
 class ErrorCode(StrEnum):

@@ -17,6 +17,7 @@ from typing import Any
 
 from engine import codec, protocol
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
+from engine.limits import AddressCounter
 from engine.protocol import CloseCode, CloseReason, stamp_app_message
 
 logger = logging.getLogger("engine.realtime")
@@ -63,6 +64,7 @@ class Realtime:
         self._handlers: dict[tuple[str, str], RegisteredHandler] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self.claimed = False
+        self.addresses = AddressCounter()
         # Set by a running engine: carries broadcasts to the other processes (the bus).
         self.publisher: Callable[[str, dict[str, Any], str | None], object] | None = None
 

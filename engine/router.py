@@ -189,6 +189,7 @@ class Router:
         self._by_endpoint: dict[tuple[str, str], dict[str, Binding]] = {}
         self._members: dict[tuple[str, str], dict[int, WebSocketConnection]] = {}
         self.snapshots: SnapshotHandler | None = None  # set by the engine: needs the database
+        self.max_subscriptions = 0  # per connection; 0: no bound
         self.origin = ""  # this process on the bus: its own broadcasts were delivered already
         self._app_databases: dict[str, str] = {}
 
@@ -417,6 +418,10 @@ class Router:
         if not isinstance(snapshot, bool):
             _error(connection, ErrorCode.BAD_MESSAGE, "`snapshot` must be true or false", sub_id)
             return None
+        if self._too_many_subscriptions(connection, sub_id):
+            text = f"too many subscriptions on this connection (at most {self.max_subscriptions})"
+            _error(connection, ErrorCode.RATE_LIMITED, text, sub_id)
+            return None
         self._drop_subscription(connection, sub_id)
         fields = narrow_fields(
             view.binding.fields, tuple(requested) if requested is not None else None
@@ -434,6 +439,13 @@ class Router:
             _error(connection, ErrorCode.BAD_MESSAGE, f"no subscription with id {sub_id!r}", sub_id)
             return
         connection.send_message({"type": "unsubscribed", "id": sub_id})
+
+    def _too_many_subscriptions(self, connection: WebSocketConnection, sub_id: Hashable) -> bool:
+        others = sum(
+            len(view.subscriptions) - (sub_id in view.subscriptions)
+            for view in connection.views.values()
+        )
+        return 0 < self.max_subscriptions <= others
 
     @staticmethod
     def _drop_subscription(connection: WebSocketConnection, sub_id: Hashable) -> bool:

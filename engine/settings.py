@@ -12,6 +12,7 @@ from engine.bus import DEFAULT_BUS_TTL_SECONDS
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
+from engine.limits import ClientLimits
 from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
@@ -40,10 +41,12 @@ class EngineSettings:
     history_events: int = DEFAULT_HISTORY_EVENTS  # recent events kept in memory for resumes
     snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
     bus_ttl_seconds: int = DEFAULT_BUS_TTL_SECONDS  # how long broadcasts stay for resumes
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
         env = os.environ if environ is None else environ
+        defaults = ClientLimits()
         algorithms = tuple(
             a.strip() for a in env.get("MDB_REALTIME_JWT_ALGORITHMS", "HS256").split(",") if a
         )
@@ -54,6 +57,21 @@ class EngineSettings:
                 env, "MDB_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
             bus_ttl_seconds=_int(env, "MDB_REALTIME_BUS_TTL_SECONDS", DEFAULT_BUS_TTL_SECONDS),
+            client_limits=ClientLimits(
+                connections_per_user=_int(
+                    env, "MDB_REALTIME_MAX_CONNECTIONS_PER_USER", defaults.connections_per_user
+                ),
+                connections_per_ip=_int(
+                    env, "MDB_REALTIME_MAX_CONNECTIONS_PER_IP", defaults.connections_per_ip
+                ),
+                messages_per_second=float(
+                    env.get("MDB_REALTIME_MESSAGES_PER_SECOND") or defaults.messages_per_second
+                ),
+                message_burst=_int(env, "MDB_REALTIME_MESSAGE_BURST", defaults.message_burst),
+                subscriptions_per_connection=_int(
+                    env, "MDB_REALTIME_MAX_SUBSCRIPTIONS", defaults.subscriptions_per_connection
+                ),
+            ),
             history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
             snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
             queue_limits=QueueLimits(
