@@ -79,6 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="event loop of the engine processes (`serve` uses asyncio)",
     )
     parser.add_argument(
+        "--engine-ref",
+        default="HEAD",
+        help="git commit of the engine to measure, or `worktree` (default: %(default)s)",
+    )
+    parser.add_argument(
         "--mongo-uri",
         default=os.environ.get("MONGODB_URI"),
         help="a MongoDB replica set (default: $MONGODB_URI, else SecantusDB)",
@@ -92,10 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 class EngineProcess:
     """`bench.servers.bus_app` as a child process, on loopback."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, loop: str) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], workdir: Path, loop: str, engine_dir: Path
+    ) -> None:
         self.name = name
         self.env = env
         self.loop = loop
+        self.engine_dir = engine_dir  # first on sys.path: where `engine` is imported from
         self.log_path = workdir / f"engine-{name}.log"
         self.host = "127.0.0.1"
         self.port = 0
@@ -124,7 +132,7 @@ class EngineProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=REPO,
+                cwd=self.engine_dir,
                 start_new_session=True,  # a Ctrl-C of the benchmark is not also its own
             )
         deadline = time.monotonic() + timeout
@@ -362,13 +370,15 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "MDB_REALTIME_JWT_SECRET": SECRET,
             **HUGE_QUEUE,
         }
+        engine_dir, commit = harness.engine_snapshot(args.engine_ref, workdir)
         engines = []
         try:
             for name in ("A", "B"):
                 data_dir = workdir / f"data-{name}"
                 data_dir.mkdir()
                 engine_env = {**env, "MDB_REALTIME_DATA_DIR": str(data_dir)}
-                engines.append(EngineProcess(name, engine_env, workdir, args.loop).start())
+                process = EngineProcess(name, engine_env, workdir, args.loop, engine_dir)
+                engines.append(process.start())
             a, b = Side(engines[0]), Side(engines[1])
             for side in (a, b):
                 side.clients = await open_clients(
@@ -399,7 +409,12 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         finally:
             for engine in engines:
                 engine.stop()
-    return {"database": described, "rounds": rounds, "lost_connections": lost_connections}
+    return {
+        "database": described,
+        "engine_commit": commit,
+        "rounds": rounds,
+        "lost_connections": lost_connections,
+    }
 
 
 def _median(values: Sequence[float]) -> float:
@@ -438,7 +453,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 def print_report(args: argparse.Namespace, result: dict[str, Any], summary: dict[str, Any]) -> None:
     print(
-        f"\nBus cost: 2 engine processes on {result['database']}, {args.clients} client(s) "
+        f"\nBus cost: 2 engine processes (engine {result['engine_commit'][:10]}) on "
+        f"{result['database']}, {args.clients} client(s) "
         f"per process, ~{args.size}-byte broadcasts from app code on A; medians of "
         f"{args.rounds} round(s)\n"
     )
