@@ -288,6 +288,8 @@ def _engine_env(database_uri: str, workdir: Path) -> dict[str, str]:
         "MDB_REALTIME_DB": _db_name(),
         "MDB_REALTIME_DATA_DIR": str(data_dir),
         "MDB_REALTIME_JWT_SECRET": "bench-secret-that-is-long-enough-for-hs256",
+        # Every client comes from 127.0.0.1: lift the per-address connection limit (0: none).
+        "MDB_REALTIME_MAX_CONNECTIONS_PER_IP": "0",
     }
 
 
