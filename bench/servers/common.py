@@ -7,7 +7,9 @@ module imports only the standard library and, lazily, uvicorn and uvloop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -92,7 +94,13 @@ def announce(host: str, port: int) -> None:
 
 
 def run(main: Coroutine[Any, Any, Any], loop: str) -> None:
-    """Run `main` on uvloop or on the standard library's event loop."""
+    """Run `main` on uvloop or on the standard library's event loop.
+
+    BENCH_GC=off in the environment turns the cyclic garbage collector off, to tell its pauses
+    apart from the server's own work (a diagnostic: no server should run that way).
+    """
+    if os.environ.get("BENCH_GC") == "off":
+        gc.disable()
     if loop == "uvloop":
         import uvloop
 
