@@ -362,6 +362,31 @@ async def cpu_round(
 # -- the run --------------------------------------------------------------------------------------
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent running anything, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersLoad:
+    """CPU that processes outside this benchmark took while it ran, in cores (the machine may
+    be shared: figures taken while others ran are noisier)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.busy = machine_busy_seconds()
+        self.ours = self._ours()
+
+    def _ours(self) -> float:
+        return harness.own_cpu_seconds() + sum(harness.cpu_seconds(pid) for pid in self.pids)
+
+    def cores(self) -> float:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        others = machine_busy_seconds() - self.busy - (self._ours() - self.ours)
+        return max(0.0, others) / elapsed
+
+
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with database(args.mongo_uri, workdir) as (uri, database_pid, described):
         env = {
@@ -396,11 +421,13 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rounds = []
             for number in range(1, args.rounds + 1):
                 print(f"round {number}/{args.rounds} ...", file=sys.stderr, flush=True)
+                others = OthersLoad(list(pids.values()))
                 rounds.append(
                     {
                         "latency": await latency_round(a, b, args),
                         "throughput": await throughput_round(a, b, args),
                         "cpu": await cpu_round(a, b, pids, args),
+                        "others_cores": others.cores(),
                     }
                 )
             lost_connections = a.tally.lost_connections + b.tally.lost_connections
@@ -495,8 +522,10 @@ def print_report(args: argparse.Namespace, result: dict[str, Any], summary: dict
         - r["throughput"]["one_way"]["received_other_process"]
         for r in result["rounds"]
     )
+    others = ", ".join(f"{r['others_cores']:.2f}" for r in result["rounds"])
+    print(f"\nCPU taken by other processes on this machine, per round (cores): {others}")
     print(
-        f"\nbroadcasts lost on the way to B: {lost}; lost connections: {result['lost_connections']}"
+        f"broadcasts lost on the way to B: {lost}; lost connections: {result['lost_connections']}"
     )
 
 
