@@ -22,7 +22,10 @@ open-file limit is raised to the hard limit; the server runs with
 MDB_REALTIME_MAX_CONNECTIONS_PER_IP=0 (every client comes from 127.0.0.1) and
 MDB_REALTIME_MAX_CONNECTIONS_PER_USER=0. With no MONGODB_URI the database is SecantusDB in
 memory (engine.embedded.EmbeddedDatabase(":memory:")), with TMPDIR set to the benchmark's own
-scratch folder. The server is pinned to core 0 and the benchmark to core 1.
+scratch folder. With --pin the server runs on core 0 and the benchmark on core 1; by default
+the OS places them (on a shared machine a pinned server competes with whatever else runs on
+its core). Other processes' CPU is reported beside the figures: on a busy machine it explains
+a server that falls behind.
 
 Run: python -m bench.soak [--connections 10000] [--minutes 10] [--writes-per-second 20]
      python -m bench.soak --connections 1000 --minutes 1          # a quick one
@@ -33,9 +36,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import ctypes
 import json
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -91,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine-ref",
         default="HEAD",
         help="git commit of the engine to run, or `worktree` (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server to core 0 and the benchmark to core 1 (default: let the OS place "
+        "them; on a shared machine a pinned server competes with whatever runs on its core)",
     )
     args = parser.parse_args(argv)
     if not 5 <= args.ping_interval <= 300:
@@ -352,6 +366,73 @@ def write_manifest(folder: Path, ping_interval: int) -> Path:
     return manifests
 
 
+class SoakServer(Server):
+    """`harness.Server`, but pinned to core 0 only when asked: on a shared two-core machine an
+    unpinned server is starved less by other people's work."""
+
+    def __init__(self, target: Target, workdir: Path, pin: bool) -> None:
+        super().__init__(target, workdir)
+        self.pin = pin
+
+    def start(self, timeout: float = 60.0) -> SoakServer:
+        env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1"}
+        pin = self.pin
+
+        def preexec() -> None:
+            if pin:
+                os.sched_setaffinity(0, {harness.SERVER_CORE})
+            harness.raise_fd_limit()
+            os.setpgrp()
+            with contextlib.suppress(OSError, AttributeError):  # dies with the benchmark
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self.target.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.target.cwd,
+                preexec_fn=preexec,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _URL_LINE.search(self.log_path.read_bytes())
+            if match:
+                self.host, self.port = match.group(1).decode(), int(match.group(2))
+                return self
+            if self._process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the engine did not start:\n{self.log_path.read_text()}")
+
+
+_URL_LINE = re.compile(rb"on http://([\d.]+):(\d+)")
+
+
+def prepare(pin: bool) -> None:
+    """Many sockets, uvloop, a clean stop on SIGTERM; core 1 only when pinning."""
+    if pin:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {harness.LOADGEN_CORE})
+    harness.raise_fd_limit()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent running anything, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu "):
+            ticks = [int(value) for value in line.split()[1:]]
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def engine_target(setting_dir: Path, engine_dir: Path, uri: str, manifests: Path) -> Target:
     db = f"soak_{uuid.uuid4().hex[:8]}"
     data_dir = setting_dir / "engine-data"
@@ -422,7 +503,7 @@ class Sampler:
     writer: Writer
     started: float
     rows: list[dict[str, Any]] = field(default_factory=list)
-    _last: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    _last: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     def reset(self) -> None:
         self._last = (
@@ -430,6 +511,7 @@ class Sampler:
             harness.cpu_seconds(self.server_pid),
             self._db_cpu(),
             harness.own_cpu_seconds(),
+            machine_busy_seconds(),
         )
 
     def _db_cpu(self) -> float:
@@ -442,14 +524,16 @@ class Sampler:
 
     def sample(self, phase: str) -> dict[str, Any]:
         now = time.monotonic()
-        server_cpu, db_cpu, own_cpu = (
+        server_cpu, db_cpu, own_cpu, busy = (
             harness.cpu_seconds(self.server_pid),
             self._db_cpu(),
             harness.own_cpu_seconds(),
+            machine_busy_seconds(),
         )
-        then, server_before, db_before, own_before = self._last
+        then, server_before, db_before, own_before, busy_before = self._last
         elapsed = max(now - then, 1e-9)
-        self._last = (now, server_cpu, db_cpu, own_cpu)
+        self._last = (now, server_cpu, db_cpu, own_cpu, busy)
+        ours = (server_cpu - server_before) + (db_cpu - db_before) + (own_cpu - own_before)
         open_clients = sum(1 for c in self.clients if not c.lost and c.close_code is None)
         received = sum(c.received for c in self.clients)
         row = {
@@ -459,6 +543,7 @@ class Sampler:
             "server_cpu_pct": 100 * (server_cpu - server_before) / elapsed,
             "db_cpu_pct": 100 * (db_cpu - db_before) / elapsed,
             "loadgen_cpu_pct": 100 * (own_cpu - own_before) / elapsed,
+            "others_cpu_pct": 100 * max(0.0, busy - busy_before - ours) / elapsed,
             "open": open_clients,
             "inserted": self.writer.seq,
             "received": received,
@@ -482,6 +567,7 @@ ROW_HEADERS = (
     "server_cpu_pct",
     "db_cpu_pct",
     "loadgen_cpu_pct",
+    "others_cpu_pct",
     "open",
     "inserted",
     "received",
@@ -523,7 +609,7 @@ async def run(args: argparse.Namespace, workdir: Path, uri: str, db_pid: int | N
     target = engine_target(workdir, engine_dir, uri, manifests)
     hold = args.minutes * 60
     ttl = int(hold) + 3600
-    server = Server(target, workdir).start()
+    server = SoakServer(target, workdir, args.pin).start()
     mongo: Any = AsyncMongoClient(uri)
     try:
         await asyncio.sleep(SETTLE_SECONDS)
@@ -645,6 +731,9 @@ def summarize(
         "rss_max_mb": max(r["server_rss_mb"] for r in rows),
         "server_cpu_pct": figures["server_cpu_pct"],
         "db_cpu_pct": figures["db_cpu_pct"],
+        "others_cpu_pct": statistics.mean(
+            [r["others_cpu_pct"] for r in rows if r["phase"] == "hold"] or [0.0]
+        ),
         "latency_p50_ms": 1000 * harness.percentile(latencies, 0.5),
         "latency_p99_ms": 1000 * harness.percentile(latencies, 0.99),
         "latency_max_ms": 1000 * latencies[-1] if latencies else float("nan"),
@@ -700,6 +789,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ],
         ["server CPU % during the hold", f"{summary['server_cpu_pct']:.1f}"],
         ["database CPU % during the hold", f"{summary['db_cpu_pct']:.1f}"],
+        ["other processes' CPU % (machine)", f"{summary['others_cpu_pct']:.1f}"],
         [
             "latency p50 / p99 / max (ms)",
             f"{summary['latency_p50_ms']:.1f} / "
@@ -719,7 +809,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.prepare_loadgen()
+    prepare(args.pin)
     limit = harness.fd_limit()
     if limit < args.connections + 200:
         print(
