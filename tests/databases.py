@@ -128,17 +128,21 @@ def needs_embedded(reason: str) -> str | None:
 
 
 @contextlib.contextmanager
-def session_database(folder: Path) -> Iterator[str]:
+def session_database(
+    folder: Path,
+    choice: Choice | None = None,
+    start: Callable[[], tuple[Any, str]] | None = None,
+) -> Iterator[str]:
     """Start the chosen database (unless it is external); its URI until the session ends."""
     global _used
-    choice = chosen()
+    choice = choice or chosen()
     if choice.kind is Kind.EXTERNAL:
         _used = Kind.EXTERNAL
         yield os.environ["MONGODB_URI"]
         return
     if choice.kind is Kind.CONTAINER:
         try:
-            container, uri = start_container()
+            container, uri = (start or start_container)()
         except Exception as error:  # any failure (no image, no registry): fall back, say why
             warnings.warn(
                 f"could not start a {CONTAINER_IMAGE} container ({type(error).__name__}: "

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pymongo import MongoClient
 
-from tests.databases import Kind, choose, docker_answers
+from tests import databases
+from tests.databases import Choice, Kind, choose, docker_answers, session_database
 
 
 def test_mongodb_uri_wins_over_everything() -> None:
@@ -84,3 +86,46 @@ def test_a_docker_that_hangs_counts_as_absent_quickly(
 def test_no_docker_command_means_no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     assert docker_answers() is False
+
+
+class FakeContainer:
+    stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_started_container_is_used_then_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(databases, "_used", None)
+    container = FakeContainer()
+    choice = Choice(Kind.CONTAINER, "test")
+    with session_database(tmp_path, choice, lambda: (container, "mongodb://c:1/")) as uri:
+        assert uri == "mongodb://c:1/"
+        assert databases.used_kind() is Kind.CONTAINER
+        assert databases.needs_embedded("restarts it") is not None
+        assert not container.stopped
+    assert container.stopped
+
+
+def test_a_container_that_cannot_start_falls_back_to_the_embedded_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(databases, "_used", None)
+
+    def no_docker() -> tuple[object, str]:
+        raise RuntimeError("no registry")
+
+    choice = Choice(Kind.CONTAINER, "test")
+    with (
+        pytest.warns(UserWarning, match="no registry.*embedded database instead"),
+        session_database(tmp_path, choice, no_docker) as uri,
+    ):
+        assert databases.used_kind() is Kind.EMBEDDED
+        assert databases.needs_embedded("restarts it") is None
+        client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=5000)
+        try:
+            assert client.admin.command("ping")["ok"] == 1
+        finally:
+            client.close()
