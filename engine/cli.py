@@ -192,6 +192,9 @@ def _run_workers(args: argparse.Namespace, settings: EngineSettings, mongo_uri: 
         workers=args.workers,
         ws=args.ws,
         ws_max_size=max(TRANSPORT_MAX_FRAME_BYTES, 4 * settings.max_message_bytes),
+        # Without per-message compression a frame's bytes are the same for every socket,
+        # so a broadcast is encoded once and written to each transport as is.
+        ws_per_message_deflate=False,
         log_config=None,
         lifespan="on",
     )
@@ -256,6 +259,9 @@ async def serve_app(
         port=port,
         ws=ws,
         ws_max_size=max(TRANSPORT_MAX_FRAME_BYTES, 4 * settings.max_message_bytes),
+        # Without per-message compression a frame's bytes are the same for every socket,
+        # so a broadcast is encoded once and written to each transport as is.
+        ws_per_message_deflate=False,
         log_config=None,
         lifespan="on",
     )

@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from bson import Binary, Code, DBRef, Decimal128, MaxKey, MinKey, ObjectId, Regex, Timestamp
 
+from engine.frames import Frame
+
 # Datetimes pass through to `_bson_default` so that every zone is converted to UTC.
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
 
@@ -48,13 +50,16 @@ def _utc_iso(value: dt.datetime) -> str:
     return value.isoformat() + "Z"
 
 
-def dumps(message: Any) -> str:
-    """Encode a message as JSON text. Raises TypeError for values that have no JSON form."""
-    return orjson.dumps(message, default=_bson_default, option=_OPTIONS).decode("utf-8")
+def dumps(message: Any) -> Frame:
+    """Encode a message as JSON text (a Frame: its wire form is built once, when first sent).
+    Raises TypeError for values that have no JSON form."""
+    return Frame(orjson.dumps(message, default=_bson_default, option=_OPTIONS).decode("utf-8"))
 
 
 def loads(text: str | bytes) -> Any:
     """Decode JSON text; raises ValueError (orjson.JSONDecodeError) on bad input."""
+    if isinstance(text, str) and type(text) is not str:
+        text = str(text)  # orjson reads exact str only (a Frame is a str subclass)
     return orjson.loads(text)
 
 

@@ -18,7 +18,7 @@ from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
 from engine.stats import EndpointStats
-from engine.transport import scope_abort
+from engine.transport import scope_abort, scope_protocol
 
 logger = logging.getLogger("engine.endpoint")
 
@@ -155,6 +155,7 @@ class Endpoint:
             _closer(websocket),
             settings.queue_limits,
             on_close=lambda closed, _code: manager.remove(closed),
+            server_protocol=scope_protocol(websocket.scope),
         )
         # `connected` is queued before the connection is visible, so it always comes first.
         connection.send_message(

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from typing import Any
 
 from engine import codec
 from engine.auth import ANONYMOUS, Principal
+from engine.frames import DirectSink, QueuedSink, Sink
 from engine.protocol import CloseCode, CloseReason, stamp_app_message
 from engine.stats import EndpointStats
 
@@ -38,61 +38,6 @@ SendText = Callable[[str], Awaitable[None]]
 CloseSocket = Callable[[int, str], Awaitable[None]]
 
 
-class Outbox:
-    """A bounded FIFO of encoded frames drained by one writer task."""
-
-    __slots__ = ("_bytes", "_closed", "_frames", "_limits", "_room", "_wakeup")
-
-    def __init__(self, limits: QueueLimits) -> None:
-        self._limits = limits
-        self._frames: deque[str] = deque()
-        self._bytes = 0
-        self._closed = False
-        self._wakeup = asyncio.Event()
-        self._room = asyncio.Event()
-
-    def _full_for(self, frame: str) -> bool:
-        # One frame larger than the byte bound still goes through an empty queue.
-        return len(self._frames) >= self._limits.max_messages or (
-            bool(self._frames) and self._bytes + len(frame) > self._limits.max_bytes
-        )
-
-    def put(self, frame: str) -> bool:
-        """Queue a frame; False when the queue is full (the frame is not queued)."""
-        if self._closed or self._full_for(frame):
-            return False
-        self._frames.append(frame)
-        self._bytes += len(frame)
-        self._wakeup.set()
-        return True
-
-    async def put_when_room(self, frame: str) -> bool:
-        """Queue a frame, waiting for room (replays pace themselves); False once closed."""
-        while not self._closed and self._full_for(frame):
-            self._room.clear()
-            await self._room.wait()
-        return self.put(frame)
-
-    async def get(self) -> str:
-        while not self._frames:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        frame = self._frames.popleft()
-        self._bytes -= len(frame)
-        self._room.set()
-        return frame
-
-    def close(self) -> None:
-        """Drop what is queued and release anyone waiting for room."""
-        self._closed = True
-        self._frames.clear()
-        self._bytes = 0
-        self._room.set()
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-
 @dataclass(eq=False)
 class WebSocketConnection:
     """One client connection and who it belongs to (the mdb-engine fields come first)."""
@@ -108,13 +53,12 @@ class WebSocketConnection:
     ping_interval: float = 30.0
     last_received: float = field(default_factory=time.monotonic)
     last_ping_sent: float = 0.0
-    outbox: Outbox | None = None
+    sink: Sink | None = None  # where frames go: the transport directly, or a queued writer
     closing: bool = False
     stats: EndpointStats | None = None  # counters shared by the endpoint's connections
     views: dict[str, Any] = field(default_factory=dict)  # collection -> router.View
     pending: Any = None  # router.PendingEvents while being brought up to date
     catch_up: asyncio.Future[None] | None = None  # the resume replay, while it runs
-    _writer: asyncio.Task[None] | None = None
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None
     _closing: asyncio.Task[None] | None = None
@@ -125,15 +69,22 @@ class WebSocketConnection:
         close: CloseSocket,
         limits: QueueLimits,
         on_close: Callable[[WebSocketConnection, int], None] | None = None,
+        server_protocol: Any = None,
     ) -> None:
-        """Start the writer; after this, `send` queues frames for the socket."""
-        self.outbox = Outbox(limits)
-        self._send_text = send_text
+        """Set up the sink; after this, `send` delivers frames to the socket."""
         self._close_socket = close
         self._on_close = on_close
-        self._writer = asyncio.create_task(
-            self._write_loop(), name=f"ws-writer-{self.connection_id}"
-        )
+        direct = DirectSink.for_protocol(server_protocol, limits.max_bytes)
+        if direct is not None:
+            self.sink = direct
+        else:
+            self.sink = QueuedSink(
+                limits.max_messages,
+                limits.max_bytes,
+                send_text,
+                self._broken,
+                f"ws-writer-{self.connection_id}",
+            )
         if self.principal.expires_at is not None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self.principal.expires_at - time.time())
@@ -145,46 +96,32 @@ class WebSocketConnection:
             )
 
     def send(self, frame: str) -> bool:
-        """Queue an encoded frame. False if the connection is closing or just overflowed."""
-        if self.closing or self.outbox is None:
+        """Send an encoded frame. False if the connection is closing or just overflowed."""
+        if self.closing or self.sink is None:
             return False
-        if self.outbox.put(frame):
+        if self.sink.offer(frame):
             if self.stats is not None:
                 self.stats.frames_out += 1
             return True
         if self.stats is not None:
-            # The frame that overflowed and every frame still queued are lost with the socket.
-            self.stats.dropped += 1 + len(self.outbox)
+            # The frame that overflowed and every frame still waiting are lost with the socket.
+            self.stats.dropped += 1 + self.sink.waiting_frames()
             self.stats.slow_consumer_closes += 1
-        logger.warning(
-            "closing slow consumer %s of app %r (%d frames queued)",
-            self.connection_id,
-            self.app_slug,
-            len(self.outbox),
-        )
+        logger.warning("closing slow consumer %s of app %r", self.connection_id, self.app_slug)
         self.close(CloseCode.TRY_AGAIN_LATER, CloseReason.SLOW_CONSUMER)
         return False
 
     async def send_paced(self, frame: str) -> bool:
-        """Queue a frame, waiting while the queue is full instead of overflowing it."""
-        if self.closing or self.outbox is None:
+        """Send a frame, waiting while the queue is full instead of overflowing it."""
+        if self.closing or self.sink is None:
             return False
-        return await self.outbox.put_when_room(frame)
+        return await self.sink.offer_paced(frame)
 
     def send_message(self, message: dict[str, Any]) -> bool:
         return self.send(codec.dumps(message))
 
-    async def _write_loop(self) -> None:
-        assert self.outbox is not None
-        try:
-            while True:
-                frame = await self.outbox.get()
-                await self._send_text(frame)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # the socket went away mid-send: stop writing, quietly
-            logger.debug("writer of %s stopped: %r", self.connection_id, error)
-            self.closing = True
+    def _broken(self) -> None:
+        self.closing = True
 
     def close(self, code: int, reason: str = "") -> None:
         """Close the connection without waiting: drop what is queued and close the socket."""
@@ -214,17 +151,8 @@ class WebSocketConnection:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self._writer is not None:
-            self._writer.cancel()
-            self._writer = None
-        if self.outbox is not None:
-            self.outbox.close()
-
-    async def drain(self, timeout: float = 1.0) -> None:
-        """Wait briefly until queued frames are written (used before a normal close)."""
-        deadline = time.monotonic() + timeout
-        while self.outbox and len(self.outbox) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self.sink is not None:
+            self.sink.stop()
 
 
 class WebSocketConnectionManager:

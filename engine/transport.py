@@ -14,6 +14,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ABORT_SCOPE_KEY = "mdb_realtime.abort"
+PROTOCOL_SCOPE_KEY = "mdb_realtime.protocol"
 
 
 class TransportAbortMiddleware:
@@ -25,6 +26,7 @@ class TransportAbortMiddleware:
             abort = _transport_abort(send)
             if abort is not None:
                 scope[ABORT_SCOPE_KEY] = abort
+                scope[PROTOCOL_SCOPE_KEY] = send.__self__  # type: ignore[attr-defined]
         await self.app(scope, receive, send)
 
 
@@ -32,6 +34,11 @@ def _transport_abort(send: Send) -> Callable[[], None] | None:
     transport: Any = getattr(getattr(send, "__self__", None), "transport", None)
     abort = getattr(transport, "abort", None)
     return abort if callable(abort) else None
+
+
+def scope_protocol(scope: Scope) -> Any:
+    """The server's protocol object of this connection, where the middleware found one."""
+    return scope.get(PROTOCOL_SCOPE_KEY)
 
 
 def scope_abort(scope: Scope) -> Callable[[], None] | None:

@@ -108,5 +108,5 @@ def demo_app(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 # Small queues so the slow-consumer test overflows quickly; generous enough for the others.
 APP_SERVER_LIMITS = {
     "MDB_REALTIME_QUEUE_MAX_MESSAGES": "500",
-    "MDB_REALTIME_QUEUE_MAX_BYTES": str(1024 * 1024),
+    "MDB_REALTIME_QUEUE_MAX_BYTES": str(2 * 1024 * 1024),
 }

@@ -901,9 +901,8 @@ async def test_route_through_real_connection_writers() -> None:
     try:
         assert router.route(change("insert", order(1))) == 2
         assert router.route(change("insert", order(2, owner="bob"))) == 0
-        for connection in connections:
-            await connection.drain()
-        await asyncio.sleep(0)
+        for _ in range(20):  # let the writer tasks run
+            await asyncio.sleep(0)
         assert len(written["a"]) == 1 and len(written["b"]) == 1
         assert written["a"][0] is written["b"][0]
         assert codec.loads(written["a"][0])["document_id"] == 1

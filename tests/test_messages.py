@@ -229,7 +229,7 @@ async def test_stalled_client_does_not_delay_others_and_gets_1013(
     stalled = stalled_client(app_server, "stalled")
     readers = [await open_client(app_server, user=f"r{i}") for i in range(3)]
     received = {i: 0 for i in range(len(readers))}
-    count, size = 2000, 4096
+    count, size = 4000, 4096
 
     async def read_all(index: int) -> None:
         while received[index] < count:

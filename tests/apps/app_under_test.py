@@ -78,9 +78,14 @@ def build() -> FastAPI:
         reached = 0
         for seq in range(body["count"]):
             reached += await broadcast_to_app(slug, {"type": "flood", "seq": seq, "pad": padding})
-            if seq % 100 == 0:
-                await asyncio.sleep(0)
+            if seq % 10 == 0:  # a fast producer (~5,000/s), but one that readers can follow
+                await asyncio.sleep(0.002)
         return {"reached": reached}
+
+    @app.get("/_test/sinks/{slug}")
+    async def sinks(slug: str) -> dict[str, list[str]]:
+        manager = await get_websocket_manager(slug)
+        return {"sinks": sorted({type(c.sink).__name__ for c in manager.active_connections})}
 
     @app.get("/_test/counts/{slug}")
     async def counts(slug: str, user: str | None = None) -> dict[str, int]:
@@ -95,4 +100,5 @@ def build() -> FastAPI:
 
 if __name__ == "__main__":
     app = build()
-    asyncio.run(serve_app(app, "127.0.0.1", 0, "websockets-sansio", EngineSettings.from_env(), 0))
+    ws = os.environ.get("TEST_WS_IMPLEMENTATION", "websockets-sansio")
+    asyncio.run(serve_app(app, "127.0.0.1", 0, ws, EngineSettings.from_env(), 0))
