@@ -65,6 +65,7 @@ class MongoDBEngine:
         self.router = Router()
         self.router.max_subscriptions = self.settings.client_limits.subscriptions_per_connection
         self._watchers: dict[str, Watcher] = {}
+        self._websocket_routes: dict[str, Callable[[Any], Any]] = {}
         self._histories: dict[str, History] = {}
         self.recovery = Recovery(
             self.router,
@@ -225,6 +226,7 @@ class MongoDBEngine:
             )
             route = f"/{slug}{config.path}"
             app.router.add_websocket_route(route, endpoint.__call__, name=f"{slug}:{name}")
+            self._websocket_routes[route] = endpoint.__call__
             mounted.append(route)
         return mounted
 
@@ -242,7 +244,7 @@ class MongoDBEngine:
     def create_app(self, manifests_dir: str | Path | None = None) -> FastAPI:
         """A FastAPI app serving every manifest in `manifests_dir`, with health routes."""
         app = FastAPI(title="mdb-realtime", lifespan=self.lifespan)
-        app.add_middleware(TransportAbortMiddleware)
+        app.add_middleware(TransportAbortMiddleware, websocket_routes=self._websocket_routes)
         app.state.engine = self
         if manifests_dir is not None:
             for path in find_manifests(manifests_dir):

@@ -195,6 +195,7 @@ def _run_workers(args: argparse.Namespace, settings: EngineSettings, mongo_uri: 
         # Without per-message compression a frame's bytes are the same for every socket,
         # so a broadcast is encoded once and written to each transport as is.
         ws_per_message_deflate=False,
+        ws_ping_interval=None,  # the engine's own keepalive (ping / 4408) covers it
         log_config=None,
         lifespan="on",
     )
@@ -262,6 +263,7 @@ async def serve_app(
         # Without per-message compression a frame's bytes are the same for every socket,
         # so a broadcast is encoded once and written to each transport as is.
         ws_per_message_deflate=False,
+        ws_ping_interval=None,  # the engine's own keepalive (ping / 4408) covers it
         log_config=None,
         lifespan="on",
     )

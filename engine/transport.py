@@ -8,18 +8,28 @@ with a transport, as uvicorn's are) so such sockets can be cut after a grace per
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 ABORT_SCOPE_KEY = "mdb_realtime.abort"
 PROTOCOL_SCOPE_KEY = "mdb_realtime.protocol"
 
 
 class TransportAbortMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """Puts the server transport in WebSocket scopes and, for the engine's own endpoints,
+    calls them directly: an idle connection then holds a short chain of coroutine frames
+    instead of the whole routing stack (memory per connection)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        websocket_routes: Mapping[str, Callable[[WebSocket], Awaitable[None]]] | None = None,
+    ) -> None:
         self.app = app
+        self.websocket_routes = websocket_routes if websocket_routes is not None else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -27,6 +37,10 @@ class TransportAbortMiddleware:
             if abort is not None:
                 scope[ABORT_SCOPE_KEY] = abort
                 scope[PROTOCOL_SCOPE_KEY] = send.__self__  # type: ignore[attr-defined]
+            endpoint = self.websocket_routes.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(WebSocket(scope, receive, send))
+                return
         await self.app(scope, receive, send)
 
 
