@@ -38,7 +38,7 @@ SendText = Callable[[str], Awaitable[None]]
 CloseSocket = Callable[[int, str], Awaitable[None]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WebSocketConnection:
     """One client connection and who it belongs to (the mdb-engine fields come first)."""
 
@@ -62,6 +62,7 @@ class WebSocketConnection:
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None
     _closing: asyncio.Task[None] | None = None
+    _close_socket: CloseSocket | None = None
 
     def start(
         self,
@@ -142,7 +143,8 @@ class WebSocketConnection:
 
     async def _close_socket_quietly(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
-            await self._close_socket(code, reason)
+            if self._close_socket is not None:
+                await self._close_socket(code, reason)
 
     def stop(self) -> None:
         """Stop the writer, timers and replay; called on close and when the client has gone."""
