@@ -84,10 +84,10 @@ class TokenVerifier:
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway_seconds: float = 0.0
 
-    def verify(self, token: str, app_slug: str) -> Principal:
-        """The principal a token names, or AuthError with the reason to close with."""
+    def claims(self, token: str) -> dict[str, Any]:
+        """The claims of a well-signed, unexpired token (with `exp`); AuthError otherwise."""
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self.secret,
                 algorithms=list(self.algorithms),
@@ -98,6 +98,11 @@ class TokenVerifier:
             raise AuthError(CloseReason.TOKEN_EXPIRED) from None
         except jwt.PyJWTError:
             raise AuthError(CloseReason.INVALID_TOKEN) from None
+        return claims
+
+    def verify(self, token: str, app_slug: str) -> Principal:
+        """The principal a token names, or AuthError with the reason to close with."""
+        claims = self.claims(token)
         if not _type_allowed(claims) or not _audience_allowed(claims, app_slug):
             raise AuthError(CloseReason.INVALID_TOKEN)
         user_id = claims.get("sub") or claims.get("user_id")

@@ -11,12 +11,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import jwt
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from engine.auth import TokenVerifier
+from engine.auth import AuthError, TokenVerifier
 
 SERVICE_ROLE = "service"
 
@@ -58,17 +57,9 @@ def verify_service_token(verifier: TokenVerifier, token: str, app_slug: str) -> 
     """The token's claims; 401 when it is not a valid token, 403 when it is valid but not a
     service token of this app."""
     try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            verifier.secret,
-            algorithms=list(verifier.algorithms),
-            leeway=verifier.leeway_seconds,
-            options={"require": ["exp"], "verify_aud": False},
-        )
-    except jwt.ExpiredSignatureError:
-        raise _unauthorized("token expired") from None
-    except jwt.PyJWTError:
-        raise _unauthorized("invalid token") from None
+        claims = verifier.claims(token)
+    except AuthError as refused:
+        raise _unauthorized(str(refused.reason)) from None
     if claims.get("type", "access") != "access":
         raise _unauthorized("invalid token")
     if claims.get("role") != SERVICE_ROLE:
