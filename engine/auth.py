@@ -58,14 +58,25 @@ class Principal:
 ANONYMOUS = Principal()
 
 
+def _all_values(params: Mapping[str, str], name: str) -> list[str]:
+    getlist = getattr(params, "getlist", None)
+    if callable(getlist):
+        return list(getlist(name))
+    value = params.get(name)
+    return [value] if value is not None else []
+
+
 def extract_token(
     query_params: Mapping[str, str],
     headers: Mapping[str, str],
 ) -> str | None:
     """The token of a handshake, first found wins: query `token`, Bearer header, cookies."""
-    token = query_params.get("token")
-    if token:
-        return token
+    tokens = _all_values(query_params, "token")
+    if len(set(tokens)) > 1:
+        # `?token=a&token=b`: readers of the URL disagree on which counts; refuse both.
+        raise AuthError(CloseReason.INVALID_TOKEN)
+    if tokens and tokens[0]:
+        return tokens[0]
     authorization = headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -96,8 +107,10 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(CloseReason.TOKEN_EXPIRED) from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
             raise AuthError(CloseReason.INVALID_TOKEN) from None
+        if not _finite_number(claims.get("exp")):
+            raise AuthError(CloseReason.INVALID_TOKEN)
         return claims
 
     def verify(self, token: str, app_slug: str) -> Principal:
@@ -115,6 +128,17 @@ class TokenVerifier:
             claims=claims,
             expires_at=float(claims["exp"]),
         )
+
+
+def _finite_number(value: Any) -> bool:
+    try:
+        return (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and (abs(float(value)) < 1e15)
+        )
+    except OverflowError:
+        return False
 
 
 def _type_allowed(claims: Mapping[str, Any]) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
+from engine.wsprotocol import protocol_for
 
 DEFAULT_MANIFESTS_DIR = "manifests"
 TRANSPORT_MAX_FRAME_BYTES = 1024 * 1024
@@ -190,7 +191,7 @@ def _run_workers(args: argparse.Namespace, settings: EngineSettings, mongo_uri: 
         host=args.host,
         port=args.port,
         workers=args.workers,
-        ws=args.ws,
+        ws=protocol_for(args.ws),
         ws_max_size=max(TRANSPORT_MAX_FRAME_BYTES, 4 * settings.max_message_bytes),
         # Without per-message compression a frame's bytes are the same for every socket,
         # so a broadcast is encoded once and written to each transport as is.
@@ -258,7 +259,7 @@ async def serve_app(
         app,
         host=host,
         port=port,
-        ws=ws,
+        ws=protocol_for(ws),
         ws_max_size=max(TRANSPORT_MAX_FRAME_BYTES, 4 * settings.max_message_bytes),
         # Without per-message compression a frame's bytes are the same for every socket,
         # so a broadcast is encoded once and written to each transport as is.

@@ -112,6 +112,12 @@ class WebSocketConnection:
         self.close(CloseCode.TRY_AGAIN_LATER, CloseReason.SLOW_CONSUMER)
         return False
 
+    def send_if_room(self, frame: str) -> bool:
+        """Send a frame only if the socket has room; never closes the connection."""
+        if self.closing or self.sink is None:
+            return False
+        return self.sink.offer(frame)
+
     async def send_paced(self, frame: str) -> bool:
         """Send a frame, waiting while the queue is full instead of overflowing it."""
         if self.closing or self.sink is None:

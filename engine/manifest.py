@@ -493,12 +493,40 @@ def _problems_from_validation(err: ValidationError, source: str) -> list[Problem
 # --- loading ------------------------------------------------------------------------------
 
 
+def _lone_surrogate_path(value: object, path: str) -> str | None:
+    """The JSON path of the first string (key or value) that is not encodable Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items: list[tuple[str, object]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if _lone_surrogate_path(key, child) is not None:
+                return child
+            items.append((child, item))
+    elif isinstance(value, list):
+        items = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    for child, item in items:
+        found = _lone_surrogate_path(item, child)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_manifest(data: object, source: str = "<manifest>") -> Manifest:
     """Validate manifest data; raise ManifestError listing every problem found."""
     if not isinstance(data, dict):
         raise ManifestError(
             [Problem(source, "$", f"a manifest must be an object, got {_describe(data)}")]
         )
+    broken = _lone_surrogate_path(data, "")
+    if broken is not None:
+        message = "not valid Unicode text (a lone surrogate escape such as \\ud800)"
+        raise ManifestError([Problem(source, broken or "$", message)])
     problems = _auth_default_problems(data, source)
     try:
         manifest = Manifest.model_validate(data)
@@ -534,11 +562,17 @@ def _read_json(path: Path) -> object:
         raise ManifestError([Problem(source, "$", message)]) from None
     except ValueError as err:
         raise ManifestError([Problem(source, "$", f"invalid JSON: {err}")]) from None
+    except RecursionError:
+        raise ManifestError([Problem(source, "$", "JSON nested too deeply")]) from None
 
 
 def load_manifest_file(path: str | Path) -> Manifest:
     """Read and validate one manifest.json file."""
-    return parse_manifest(_read_json(Path(path)), source=str(path))
+    data = _read_json(Path(path))
+    try:
+        return parse_manifest(data, source=str(path))
+    except RecursionError:
+        raise ManifestError([Problem(str(path), "$", "JSON nested too deeply")]) from None
 
 
 def _is_visible(path: Path) -> bool:
@@ -598,6 +632,11 @@ def _duplicate_slugs(manifests: list[tuple[Path, Manifest]]) -> list[Problem]:
     return problems
 
 
+def _printable(text: str) -> str:
+    """Text a UTF-8 terminal can show: lone surrogates (valid in JSON strings) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def validate_command(paths: list[str]) -> int:
     """`mdb-realtime validate PATH...`: print one line per problem; 0 if all valid, else 1."""
     files, problems = _unique_files(paths)
@@ -609,7 +648,7 @@ def validate_command(paths: list[str]) -> int:
             problems += err.problems
     problems += _duplicate_slugs(manifests)
     for problem in problems:
-        print(problem)
+        print(_printable(str(problem)))
     if not paths:
         print("no manifest given", file=sys.stderr)
         return 1

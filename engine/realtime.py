@@ -153,7 +153,7 @@ class Realtime:
                 if ping_frame is None:
                     ping_frame = codec.dumps(protocol.ping_message())
                 connection.last_ping_sent = now
-                connection.send(ping_frame)
+                connection.send_if_room(ping_frame)  # a busy socket needs no ping
 
 
 def _checked(message: Any) -> dict[str, Any]:

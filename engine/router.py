@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import bson
+import bson.errors
+
 from engine import codec, protocol
 from engine.bus import BUS_COLLECTION, parse_bus_document
 from engine.changes import (
@@ -244,8 +247,7 @@ class Router:
         ).items():
             scope = None
             if binding.scope is not None and connection.principal.authenticated:
-                bound = substitute_placeholders(binding.scope, values)
-                scope = compile_query(bound) if bound is not None else None
+                scope = _compile_scope(binding.scope, values)
             connection.views[collection] = View(binding, scope, self.known_ids_limit)
         key = (connection.app_slug, connection.endpoint)
         self._members.setdefault(key, {})[id(connection)] = connection
@@ -404,7 +406,11 @@ class Router:
             matcher = compile_query(query)
         except QueryError as error:
             _error(connection, ErrorCode.FORBIDDEN_FILTER, f"filter: {error}", sub_id)
-            return
+            return None
+        if query and not _bson_encodable(query):
+            text = "filter: values MongoDB cannot store (integers beyond 64 bits, NUL in names)"
+            _error(connection, ErrorCode.FORBIDDEN_FILTER, text, sub_id)
+            return None
         requested = message.get("fields")
         if requested is not None and not _valid_fields(requested):
             _error(
@@ -453,6 +459,28 @@ class Router:
             if view.subscriptions.pop(sub_id, None) is not None:
                 return True
         return False
+
+
+def _compile_scope(scope: Mapping[str, Any], values: Mapping[str, Any]) -> Matcher | None:
+    """A binding's scope with this principal's values; None (matches nothing) when a value is
+    missing or cannot be matched (a claim is data, never an operator)."""
+    bound = substitute_placeholders(scope, values)
+    if bound is None:
+        return None
+    try:
+        return compile_query(bound)
+    except QueryError as error:
+        logger.info("a scope cannot use this principal's values (%s): it matches nothing", error)
+        return None
+
+
+def _bson_encodable(query: Mapping[str, Any]) -> bool:
+    """The database must be able to take the filter (snapshots query it)."""
+    try:
+        bson.encode(query)
+    except (bson.errors.BSONError, OverflowError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _valid_id(value: Any) -> bool:

@@ -16,7 +16,7 @@ from tests.support import TEST_SECRET
 
 
 def service_token(app: str | list[str] | None = "todo", **claims: Any) -> str:
-    payload: dict[str, Any] = {"sub": "backend", "role": "service", "exp": time.time() + 60}
+    payload: dict[str, Any] = {"sub": "backend", "role": "service", "exp": time.time() + 3600}
     if app is not None:
         payload["aud"] = app
     payload.update(claims)
@@ -46,7 +46,7 @@ GOOD_BODY = {"message": {"type": "notice", "text": "hello"}}
         (service_token(type="refresh"), 401, "invalid token"),
         (
             jwt.encode(
-                {"role": "service", "aud": "todo", "exp": time.time() + 60},
+                {"role": "service", "aud": "todo", "exp": time.time() + 3600},
                 "a-different-secret-that-is-long-enough",
             ),
             401,
