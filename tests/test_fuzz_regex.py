@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from pymongo import MongoClient
 
@@ -129,6 +129,8 @@ def adversarial_subjects(pattern: str) -> list[str]:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(body=patterns, ends=anchors)
+@example(body="[^,]+\\w*\\w*.*b{3}\\w{0,}", ends=("", "X"))  # found by this test
+@example(body="\\w*?.*?.*?a[ab]*|(?:b{3})*?", ends=("", "$"))  # found by this test
 def test_fuzz_accepted_patterns_run_in_bounded_time(body: str, ends: tuple[str, str]) -> None:
     """Any pattern engine.query accepts must finish on long adversarial strings.
 
