@@ -852,6 +852,8 @@ def test_snapshot_with_a_filter_the_driver_cannot_encode(
 ) -> None:
     """A subscribe filter is accepted, but its snapshot query cannot be sent to the database.
 
+    A regression test now: fixed in af710fb.
+
     Found by fuzzing. engine.recovery.Recovery.snapshot catches PyMongoError only; the driver
     raises OverflowError ("MongoDB can only handle up to 8-byte ints") or
     bson.errors.InvalidDocument (key with a NUL), which escape through Router.subscribe into
@@ -1191,6 +1193,8 @@ def test_duplicate_token_parameters_are_not_rescued(fuzzing: Fuzzing) -> None:
     """docs/protocol.md: "A bad token in an earlier place is not rescued by a good one in a
     later place."
 
+    A regression test now: fixed in af710fb.
+
     Found by fuzzing: with `?token=<bad>&token=<good>` the engine takes the last value
     (Starlette's QueryParams.get), so a bad first token is rescued by a later good one, while
     `?token=<good>&token=<bad>` is refused. A proxy or log that reads the first `token` sees a
@@ -1211,6 +1215,8 @@ def test_duplicate_token_parameters_are_not_rescued(fuzzing: Fuzzing) -> None:
 def test_scope_claims_shaped_like_operators_do_not_drop_the_connection(fuzzing: Fuzzing) -> None:
     """A valid token whose `team` claim is a list holding a `$`-keyed document.
 
+    A regression test now: fixed in af710fb.
+
     Found by fuzzing (see test_fuzz_manifests.test_attach_with_claims_that_hold_operator_
     documents): engine.router.Router.attach compiles the scope {"team": "$claims.team"} with
     the claim substituted and raises QueryError; the client gets `connected`, then the socket
@@ -1229,6 +1235,8 @@ def test_scope_claims_shaped_like_operators_do_not_drop_the_connection(fuzzing: 
 
 def test_token_with_an_exp_beyond_float_range_is_refused_not_500(fuzzing: Fuzzing) -> None:
     """A correctly signed token with `exp` = 10**400 (valid JSON; PyJWT checks it with int()).
+
+    A regression test now: fixed in af710fb.
 
     Found by fuzzing: engine.auth.TokenVerifier.verify computes float(claims["exp"]), which
     raises OverflowError; the endpoint crashes before accept and the client gets HTTP 500.
@@ -1263,6 +1271,8 @@ def test_oversized_handshakes_are_answered_and_closed(
     fuzzing: Fuzzing, header: tuple[str, str]
 ) -> None:
     """A handshake over the server's header limits (8 KiB a line) must be refused at once.
+
+    A regression test now: fixed in af710fb.
 
     Found by fuzzing: with the engine's default `--ws websockets-sansio`, uvicorn (0.54) logs
     "HTTP response sent (431 Request Header Fields Too Large)" but never writes it nor closes

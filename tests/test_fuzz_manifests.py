@@ -443,6 +443,8 @@ def test_validate_prints_a_problem_for_a_lone_surrogate(
 ) -> None:
     """A value the problem line quotes may not be printable as UTF-8: the line is still printed.
 
+    A regression test now: fixed in af710fb.
+
     Found by fuzzing: a manifest whose slug is the JSON string "\\ud800" (a lone surrogate,
     which json.loads accepts) makes `mdb-realtime validate` die with UnicodeEncodeError in
     `print(problem)` (engine/manifest.py validate_command), because the message quotes the
@@ -461,6 +463,8 @@ def test_validate_reports_deeply_nested_json_as_a_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], depth: int
 ) -> None:
     """A manifest file nested deeper than the JSON parser recurses is a problem line too.
+
+    A regression test now: fixed in af710fb.
 
     Found by fuzzing: engine.manifest._read_json catches ValueError but json.loads raises
     RecursionError here, so `mdb-realtime validate` (and `serve`) die with a traceback instead
@@ -590,6 +594,8 @@ def test_valid_manifests_register_attach_and_route_without_errors(
 
 def test_attach_with_claims_that_hold_operator_documents() -> None:
     """A token's claim values are data: a scope must never fail to compile because of them.
+
+    A regression test now: fixed in af710fb.
 
     Found by fuzzing: `{"team": "$claims.team"}` with the claim `team: ["a", {"$gt": ""}]` (a
     list holding a document with a `$` key, as a token issuer may well put in a claim) makes
