@@ -718,9 +718,11 @@ def _compile_regex(source: str, letters: str, path: str) -> re.Pattern[str]:
         raise QueryError("regular expression is nested too deeply", path) from None
     if may_backtrack:
         raise QueryError(
-            "regular expression repeats a group that itself repeats or has alternatives "
-            "starting with the same character, like (a+)+ or (a|ab)*; this can take "
-            "exponential time, so write it without the nesting",
+            "regular expression can take exponential or high polynomial time: it repeats a "
+            "part that itself varies, like (a+)+, (a?){30} or (.*,){20}, has alternatives "
+            "starting with the same character inside a repetition, like (a|ab)*, has more "
+            f"than {MAX_UNBOUNDED_REPEATS} unbounded repeats (.*.*.*.*) or a back-reference; "
+            "write it without these",
             path,
         )
     return compiled
@@ -757,17 +759,46 @@ def _may_backtrack(parsed: Any) -> bool:
     as ``(,\\d+)*``; those can be written without the nesting.
     """
     ignore_case = bool(parsed.state.flags & re.IGNORECASE)
-    return _nested_repetition(parsed, repeated=False, ignore_case=ignore_case)
+    if _nested_repetition(parsed, repeated=False, ignore_case=ignore_case):
+        return True
+    # Several unbounded repeats in a row (.*.*.*.*) cost a power of the length per start;
+    # back-references repeated defeat every shortcut of the matcher.
+    return _count_unbounded(parsed) > MAX_UNBOUNDED_REPEATS or _has_backreference(parsed)
+
+
+MAX_UNBOUNDED_REPEATS = 3
+
+
+def _walk(items: Any) -> Iterator[tuple[Any, Any]]:
+    for code, argument in items:
+        yield code, argument
+        if code in _REPEAT_CODES:
+            yield from _walk(argument[2])
+            continue
+        for sub_pattern in _sub_patterns(argument):
+            yield from _walk(sub_pattern)
+
+
+def _count_unbounded(parsed: Any) -> int:
+    return sum(
+        1
+        for code, argument in _walk(parsed)
+        if code in _REPEAT_CODES and argument[1] == _sre_constants.MAXREPEAT
+    )
+
+
+def _has_backreference(parsed: Any) -> bool:
+    references = (_sre_constants.GROUPREF, _sre_constants.GROUPREF_EXISTS)
+    return any(code in references for code, _argument in _walk(parsed))
 
 
 def _nested_repetition(items: Any, *, repeated: bool, ignore_case: bool) -> bool:
     for code, argument in items:
         if code in _REPEAT_CODES:
             low, high, body = argument
-            varies = high > 1 and high != low
-            if varies and repeated:
+            if repeated and high != low:  # a variable part inside any repetition: (a?){30}
                 return True
-            if _nested_repetition(body, repeated=repeated or varies, ignore_case=ignore_case):
+            if _nested_repetition(body, repeated=repeated or high > 1, ignore_case=ignore_case):
                 return True
             continue
         is_branch = code == _sre_constants.BRANCH
