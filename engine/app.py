@@ -244,7 +244,7 @@ class MongoDBEngine:
     def create_app(self, manifests_dir: str | Path | None = None) -> FastAPI:
         """A FastAPI app serving every manifest in `manifests_dir`, with health routes."""
         app = FastAPI(title="mdb-realtime", lifespan=self.lifespan)
-        app.add_middleware(TransportAbortMiddleware, websocket_routes=self._websocket_routes)
+        app.add_middleware(TransportAbortMiddleware, websocket_routes=self.websocket_routes)
         app.state.engine = self
         if manifests_dir is not None:
             for path in find_manifests(manifests_dir):
@@ -329,6 +329,11 @@ class MongoDBEngine:
             return
         for database, watcher in self._watchers.items():
             await self._checkpoints.save(database, watcher.resume_token)
+
+    @property
+    def websocket_routes(self) -> dict[str, Callable[[Any], Any]]:
+        """Path -> endpoint of every mounted engine endpoint (shared, kept up to date)."""
+        return self._websocket_routes
 
     @property
     def watchers(self) -> dict[str, Watcher]:

@@ -10,7 +10,7 @@ import logging.config
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if args.workers > 1:
             return _run_workers(args, settings, mongo_uri)
-        return asyncio.run(_run_server(args, settings, mongo_uri))
+        return run_event_loop(_run_server(args, settings, mongo_uri))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -224,6 +224,16 @@ def worker_app() -> Any:
     return engine.create_app(os.environ[_WORKER_MANIFESTS])
 
 
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop where it is installed (uvicorn[standard] brings it): its C
+    transports are cheaper per socket and per write than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def _embedded_log_path(data_dir: Path) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     return data_dir / "secantus.log"
@@ -252,8 +262,10 @@ async def serve_app(
 ) -> int:
     """Run an ASGI app under uvicorn until SIGINT/SIGTERM, printing the URL once bound."""
     from engine.logs import install_redaction
+    from engine.transport import outermost
 
     install_redaction()
+    app = outermost(app)
 
     config = uvicorn.Config(
         app,

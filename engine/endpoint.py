@@ -169,6 +169,7 @@ class Endpoint:
             )
         )
         manager.add(connection)
+        self.realtime.ping_intervals.add(settings.ping_interval)
         self.realtime.start()
         if self._on_connect is not None:
             catching_up = self._on_connect(connection)

@@ -763,10 +763,12 @@ def _may_backtrack(parsed: Any) -> bool:
         return True
     # Several unbounded repeats in a row (.*.*.*.*) cost a power of the length per start;
     # back-references repeated defeat every shortcut of the matcher.
-    return _count_unbounded(parsed) > MAX_UNBOUNDED_REPEATS or _has_backreference(parsed)
+    return _overlapping_unbounded(parsed, ignore_case) > MAX_UNBOUNDED_REPEATS or (
+        _has_backreference(parsed)
+    )
 
 
-MAX_UNBOUNDED_REPEATS = 3
+MAX_UNBOUNDED_REPEATS = 2
 
 
 def _walk(items: Any) -> Iterator[tuple[Any, Any]]:
@@ -779,12 +781,23 @@ def _walk(items: Any) -> Iterator[tuple[Any, Any]]:
             yield from _walk(sub_pattern)
 
 
-def _count_unbounded(parsed: Any) -> int:
-    return sum(
-        1
-        for code, argument in _walk(parsed)
-        if code in _REPEAT_CODES and argument[1] == _sre_constants.MAXREPEAT
-    )
+def _overlapping_unbounded(parsed: Any, ignore_case: bool) -> int:
+    """The most unbounded repeats that can match the same character: repeats of one literal
+    (a*a*a*) and of anything wider (.*, \\w+, [a-z]*), which overlaps every other one.
+    Repeats of different literals (a+b+c*) cannot compete for a character."""
+    broad = 0
+    literals: dict[str, int] = {}
+    for code, argument in _walk(parsed):
+        if code not in _REPEAT_CODES or argument[1] != _sre_constants.MAXREPEAT:
+            continue
+        body = list(argument[2])
+        if len(body) == 1 and body[0][0] == _sre_constants.LITERAL:
+            character = chr(body[0][1])
+            key = character.casefold() if ignore_case else character
+            literals[key] = literals.get(key, 0) + 1
+        else:
+            broad += 1
+    return broad + max(literals.values(), default=0)
 
 
 def _has_backreference(parsed: Any) -> bool:

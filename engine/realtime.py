@@ -24,7 +24,8 @@ logger = logging.getLogger("engine.realtime")
 
 MessageHandler = Callable[..., Awaitable[None]]
 
-KEEPALIVE_CHECK_SECONDS = 1.0
+KEEPALIVE_CHECK_SECONDS = 1.0  # shortest sweep period
+MAX_SWEEP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Realtime:
         self._keepalive: asyncio.Task[None] | None = None
         self.claimed = False
         self.addresses = AddressCounter()
+        self.ping_intervals: set[float] = set()  # of the endpoints that had connections
         # Set by a running engine: carries broadcasts to the other processes (the bus).
         self.publisher: Callable[[str, dict[str, Any], str | None], object] | None = None
 
@@ -132,11 +134,17 @@ class Realtime:
     async def _keepalive_loop(self) -> None:
         # One sweeper for all sockets instead of a timer per socket: cheap at 10k connections.
         while True:
-            await asyncio.sleep(KEEPALIVE_CHECK_SECONDS)
+            await asyncio.sleep(self._sweep_period())
             try:
                 self.check_keepalive(time.monotonic())
             except Exception:
                 logger.exception("keepalive check failed")
+
+    def _sweep_period(self) -> float:
+        """A sixth of the shortest ping interval: pings and 4408 closes are at most that late,
+        and long intervals cost fewer sweeps over every connection."""
+        shortest = min(self.ping_intervals, default=KEEPALIVE_CHECK_SECONDS * 6)
+        return min(MAX_SWEEP_SECONDS, max(KEEPALIVE_CHECK_SECONDS, shortest / 6))
 
     def check_keepalive(self, now: float) -> None:
         ping_frame: str | None = None

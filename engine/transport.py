@@ -58,3 +58,13 @@ def scope_protocol(scope: Scope) -> Any:
 def scope_abort(scope: Scope) -> Callable[[], None] | None:
     abort = scope.get(ABORT_SCOPE_KEY)
     return abort if callable(abort) else None
+
+
+def outermost(app: Any) -> Any:
+    """The app wrapped so that the engine's WebSocket routes are dispatched before anything
+    else (the FastAPI stack stays for everything but the engine's own sockets)."""
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    routes = getattr(engine, "websocket_routes", None)
+    if routes is None:
+        return app
+    return TransportAbortMiddleware(app, websocket_routes=routes)
