@@ -38,6 +38,9 @@ from pymongo.collection import Collection
 
 from engine.query import compile_query
 
+# Hundreds of database round trips: slow on a loaded machine, never stuck.
+pytestmark = pytest.mark.timeout(600)
+
 Document = dict[str, Any]
 Strategy = st.SearchStrategy
 
