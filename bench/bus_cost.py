@@ -25,12 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -45,10 +41,9 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/bus_cost.py`
 
 from bench import harness  # noqa: E402
 from bench.servers.bus_app import BUS_PATH  # noqa: E402
-from bench.servers.common import BROADCAST_PATH, COUNT_PATH, WS_PATH  # noqa: E402
+from bench.servers.common import BROADCAST_PATH, WS_PATH  # noqa: E402
 from bench.wsclient import Tally, WsClient, close_clients, open_clients  # noqa: E402
 
-URL_LINE = re.compile(rb"on http://([\d.]+):(\d+)")
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
 STALL_SECONDS = 10.0  # no frame for this long ends a trial: the rest is counted as lost
 HUGE_QUEUE = {  # this measures the bus, not slow consumers: queues never overflow here
@@ -94,99 +89,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- processes -----------------------------------------------------------------------------------
 
 
-class EngineProcess:
-    """`bench.servers.bus_app` as a child process, on loopback."""
+class EngineProcess(harness.Server):
+    """`bench.servers.bus_app` as a child process on loopback; not pinned, since the two
+    engines of a run share both cores."""
 
     def __init__(
         self, name: str, env: dict[str, str], workdir: Path, loop: str, engine_dir: Path
     ) -> None:
-        self.name = name
-        self.env = env
-        self.loop = loop
-        self.engine_dir = engine_dir  # first on sys.path: where `engine` is imported from
-        self.log_path = workdir / f"engine-{name}.log"
-        self.host = "127.0.0.1"
-        self.port = 0
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def start(self, timeout: float = 60.0) -> EngineProcess:
-        command = [
+        command = (
             sys.executable,
             "-m",
             "bench.servers.bus_app",
             "--manifests",
             str(harness.BENCH_MANIFESTS),
             "--loop",
-            self.loop,
-        ]
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-        with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.engine_dir,
-                start_new_session=True,  # a Ctrl-C of the benchmark is not also its own
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = URL_LINE.search(self.log_path.read_bytes())
-            if match:
-                self.host, self.port = match.group(1).decode(), int(match.group(2))
-                return self
-            if self._process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"engine {self.name} did not start:\n{self.log_path.read_text()}")
+            loop,
+        )
+        # engine_dir is first on sys.path: where `engine` is imported from.
+        target = harness.Target(f"engine-{name}", "bus app", command, env, cwd=engine_dir)
+        super().__init__(target, workdir)
+        self.name = name
 
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    def preexec(self) -> None:
+        os.setsid()  # a Ctrl-C of the benchmark is not also its own
 
-    async def request(self, path: str, method: str = "GET", timeout: float = 600) -> Any:
-        """A plain HTTP/1.1 request; the JSON body of the answer."""
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            writer.write(
-                f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 0\r\n"
-                "Connection: close\r\n\r\n".encode()
-            )
-            raw = await asyncio.wait_for(reader.read(), timeout)
-        finally:
-            writer.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200") or b"chunked" in head.lower():
-            raise RuntimeError(f"engine {self.name} {path}: {head[:200]!r}")
-        return json.loads(body)
-
-    async def broadcast(self, count: int, size: int, interval: float, bus: bool) -> Any:
+    async def broadcast(  # type: ignore[override]
+        self, count: int, size: int, interval: float, bus: bool
+    ) -> Any:
         query = f"count={count}&size={size}&interval={interval}&bus={int(bus)}"
         return await self.request(f"{BROADCAST_PATH}?{query}", "POST")
-
-    async def wait_connections(self, expected: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        seen = -1
-        while time.monotonic() < deadline:
-            seen = (await self.request(COUNT_PATH))["connections"]
-            if seen == expected:
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"engine {self.name}: {seen} connections, expected {expected}")
 
     async def published(self) -> int:
         return int((await self.request(BUS_PATH))["published"])

@@ -329,6 +329,10 @@ class Server:
         assert self._process is not None
         return self._process.pid
 
+    def preexec(self) -> None:
+        """Runs in the child before the server starts: pinned to the server core."""
+        _server_preexec()
+
     def start(self, timeout: float = 60.0) -> Server:
         # `python -m` puts the working folder first on sys.path, so `engine` comes from
         # target.cwd; the benchmark servers come from this repository.
@@ -342,7 +346,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.target.cwd,
-                preexec_fn=_server_preexec,
+                preexec_fn=self.preexec,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -40,10 +40,8 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -374,42 +372,13 @@ class SoakServer(Server):
         super().__init__(target, workdir)
         self.pin = pin
 
-    def start(self, timeout: float = 60.0) -> SoakServer:
-        env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1"}
-        pin = self.pin
-
-        def preexec() -> None:
-            if pin:
-                os.sched_setaffinity(0, {harness.SERVER_CORE})
-            harness.raise_fd_limit()
-            os.setpgrp()
-            with contextlib.suppress(OSError, AttributeError):  # dies with the benchmark
-                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-        with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(
-                self.target.command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.target.cwd,
-                preexec_fn=preexec,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = _URL_LINE.search(self.log_path.read_bytes())
-            if match:
-                self.host, self.port = match.group(1).decode(), int(match.group(2))
-                return self
-            if self._process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the engine did not start:\n{self.log_path.read_text()}")
-
-
-_URL_LINE = re.compile(rb"on http://([\d.]+):(\d+)")
+    def preexec(self) -> None:
+        if self.pin:
+            os.sched_setaffinity(0, {harness.SERVER_CORE})
+        harness.raise_fd_limit()
+        os.setpgrp()
+        with contextlib.suppress(OSError, AttributeError):  # dies with the benchmark
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def prepare(pin: bool) -> None:
