@@ -72,7 +72,7 @@ class DirectSink:
         if (
             connection is None
             or getattr(connection, "extensions", None) != []  # compression: no shared bytes
-            or not isinstance(getattr(protocol, "writable", None), asyncio.Event)
+            or not callable(getattr(getattr(protocol, "writable", None), "wait", None))
             or getattr(protocol, "transport", None) is None
         ):
             return None

@@ -23,6 +23,7 @@ from engine import (
 )
 from engine.cli import serve_app
 from engine.settings import EngineSettings
+from engine.transport import scope_protocol
 
 
 # Registered before any engine exists, as mdb-engine apps often do at import time.
@@ -87,6 +88,17 @@ def build() -> FastAPI:
         manager = await get_websocket_manager(slug)
         return {"sinks": sorted({type(c.sink).__name__ for c in manager.active_connections})}
 
+    @app.get("/_test/protocols/{slug}")
+    async def protocols(slug: str) -> dict[str, list[dict[str, Any]]]:
+        """What the server's protocol object of each connection still holds."""
+        manager = await get_websocket_manager(slug)
+        return {
+            "protocols": [
+                _protocol_state(scope_protocol(c.websocket.scope))
+                for c in manager.active_connections
+            ]
+        }
+
     @app.get("/_test/counts/{slug}")
     async def counts(slug: str, user: str | None = None) -> dict[str, int]:
         manager = await get_websocket_manager(slug)
@@ -96,6 +108,20 @@ def build() -> FastAPI:
         }
 
     return app
+
+
+def _protocol_state(protocol: Any) -> dict[str, Any]:
+    parser_frame = protocol.conn.parser.gi_frame
+    handshake = parser_frame.f_locals.get("request") if parser_frame is not None else None
+    return {
+        "class": type(protocol).__name__,
+        "queue": type(protocol.queue).__name__,
+        "writable": type(protocol.writable).__name__,
+        "request": protocol.request is not None,
+        "response": protocol.response is not None,
+        "parser_request_headers": len(handshake.headers) if handshake is not None else None,
+        "scope_headers": len(protocol.scope["headers"]),
+    }
 
 
 if __name__ == "__main__":
