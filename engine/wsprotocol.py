@@ -124,7 +124,7 @@ class EngineWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if self.handshake_complete and self.response is not None:
+        if self.handshake_complete and getattr(self, "response", None) is not None:
             self.response = None  # written: the handshake response is not needed again
 
 
