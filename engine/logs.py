@@ -40,6 +40,24 @@ class RedactingFilter(logging.Filter):
 _TRACEBACKS = logging.Formatter()
 
 
+class ClientFaultFilter(logging.Filter):
+    """One line instead of a traceback for a text frame with invalid UTF-8.
+
+    uvicorn logs that with `logger.exception` (a traceback of its own decode call) before it
+    closes with 1007: the client's fault, not the server's, and a client could otherwise add
+    a traceback to the log per connection it opens.
+    """
+
+    UVICORN_MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.UVICORN_MESSAGE and record.exc_info:
+            record.msg, record.args = "invalid UTF-8 in a client's text frame: closing 1007", None
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
 def logging_config(level: str = "INFO") -> dict[str, Any]:
     """A dictConfig for the engine and uvicorn with redaction on every handler."""
     return {
@@ -75,3 +93,10 @@ def install_redaction(level: str = "INFO") -> None:
     for handler in root.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+def install_client_fault_filter() -> None:
+    """Attach `ClientFaultFilter` to uvicorn's error logger, once."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientFaultFilter) for f in logger.filters):
+        logger.addFilter(ClientFaultFilter())

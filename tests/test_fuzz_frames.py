@@ -751,6 +751,18 @@ def test_every_kind_of_frame_gets_its_documented_answer(fuzzing: Fuzzing) -> Non
     assert_serving(fuzzing)
 
 
+def test_invalid_utf8_is_logged_in_one_line_without_a_traceback(fuzzing: Fuzzing) -> None:
+    before = len(fuzzing.app.server.logs())
+    target = f"/alpha/ws?token={token('fuzzer', team='blue')}"
+    for _ in range(3):
+        bad = text_input(b'{"type":"x","a":"\xff"}', "invalid utf-8")
+        run_input(fuzzing, "invalid-utf8", target, bad)  # closed with 1007 each time
+    new = fuzzing.app.server.logs()[before:]
+    assert new.count("invalid UTF-8 in a client's text frame: closing 1007") == 3, new
+    assert "Traceback" not in new and "UnicodeDecodeError" not in new, new
+    assert_serving(fuzzing)
+
+
 # -- subscribe ------------------------------------------------------------------------------------
 
 subscription_ids = st.one_of(
