@@ -221,7 +221,7 @@ def _engine_target(name: str, setting: Setting) -> Target:
     if name == "engine-cli":
         return Target(
             name,
-            f"mdb-realtime serve as users start it (stdlib asyncio loop), {where}",
+            f"mdb-realtime serve as users start it (uvloop where installed), {where}",
             (
                 python,
                 "-m",
