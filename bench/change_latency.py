@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/change_latency.p
 import websockets  # noqa: E402
 from pymongo import AsyncMongoClient  # noqa: E402
 
+from bench import harness  # noqa: E402
 from engine.embedded import EmbeddedDatabase  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -108,20 +109,7 @@ def engine_server(uri: str, db_name: str, folder: Path) -> Iterator[str]:
     (manifests / f"{SLUG}.json").write_text(json.dumps(MANIFEST))
     env = dict(os.environ, MDB_REALTIME_DATA_DIR=str(folder / "data"), PYTHONUNBUFFERED="1")
     env.setdefault("MDB_REALTIME_JWT_SECRET", uuid.uuid4().hex * 2)  # unused: no tokens here
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "serve",
-        "--port",
-        "0",
-        "--manifests",
-        str(manifests),
-        "--mongo-uri",
-        uri,
-        "--db",
-        db_name,
-    ]
+    command = harness.serve_command(manifests, uri, db_name)
     with open(folder / "engine.log", "ab") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log

@@ -214,6 +214,24 @@ def make_target(name: str, setting: Setting) -> Target:
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
 
 
+def serve_command(manifests: Path | str, mongo_uri: str, db: str) -> tuple[str, ...]:
+    """`mdb-realtime serve` on a free port, exactly as users start it."""
+    return (
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "serve",
+        "--port",
+        "0",
+        "--manifests",
+        str(manifests),
+        "--mongo-uri",
+        mongo_uri,
+        "--db",
+        db,
+    )
+
+
 def _engine_target(name: str, setting: Setting) -> Target:
     python, manifests = sys.executable, str(BENCH_MANIFESTS)
     env = _engine_env(setting.database_uri, setting.workdir)
@@ -222,20 +240,7 @@ def _engine_target(name: str, setting: Setting) -> Target:
         return Target(
             name,
             f"mdb-realtime serve as users start it (uvloop where installed), {where}",
-            (
-                python,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--port",
-                "0",
-                "--manifests",
-                manifests,
-                "--mongo-uri",
-                setting.database_uri,
-                "--db",
-                env["MDB_REALTIME_DB"],
-            ),
+            serve_command(manifests, setting.database_uri, env["MDB_REALTIME_DB"]),
             env,
             cwd=setting.engine_dir,
             has_bench_routes=False,

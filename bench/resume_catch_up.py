@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pymongo import AsyncMongoClient
 
 from engine.auth import issue_token
 from engine.embedded import EmbeddedDatabase
-from tests.support import ServerProcess, engine_env
+from tests.support import ServerProcess, engine_env, serve_command
 
 MANIFEST = {
     "slug": "bench",
@@ -42,18 +41,7 @@ def start_engine(uri: str, folder: Path, db: str, name: str, **env: str) -> Serv
     manifests.mkdir(exist_ok=True)
     (manifests / "bench.json").write_text(json.dumps(MANIFEST))
     environment = engine_env(uri, folder, MDB_REALTIME_JWT_SECRET=SECRET, **env)
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "serve",
-        "--port",
-        "0",
-        "--manifests",
-        str(manifests),
-        "--db",
-        db,
-    ]
+    command = serve_command("--manifests", str(manifests), "--db", db)
     return ServerProcess(command, environment, folder / f"{name}.log").start(timeout=60)
 
 

@@ -414,20 +414,7 @@ def engine_target(setting_dir: Path, engine_dir: Path, uri: str, manifests: Path
         "MDB_REALTIME_MAX_CONNECTIONS_PER_IP": "0",
         "MDB_REALTIME_MAX_CONNECTIONS_PER_USER": "0",
     }
-    command = (
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "serve",
-        "--port",
-        "0",
-        "--manifests",
-        str(manifests),
-        "--mongo-uri",
-        uri,
-        "--db",
-        db,
-    )
+    command = harness.serve_command(manifests, uri, db)
     return Target("engine-cli", "mdb-realtime serve", command, env, cwd=engine_dir)
 
 

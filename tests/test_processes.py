@@ -24,6 +24,7 @@ from tests.support import (
     engine_env,
     receive_json,
     receive_until,
+    serve_command,
 )
 
 
@@ -135,21 +136,9 @@ async def test_serve_with_workers_shares_one_port_and_stops_cleanly(
     mongo_uri: str, tmp_path: Path
 ) -> None:
     import signal
-    import sys
 
     env = engine_env(mongo_uri, tmp_path, MDB_REALTIME_DB="workers_db")
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "serve",
-        "--port",
-        "0",
-        "--workers",
-        "2",
-        "--manifests",
-        str(CHANGE_MANIFESTS),
-    ]
+    command = serve_command("--workers", "2", "--manifests", str(CHANGE_MANIFESTS))
     server = ServerProcess(command, env, tmp_path / "workers.log").start(timeout=60)
     try:
         assert "with 2 workers" in "".join(server.stdout_lines)
