@@ -215,10 +215,9 @@ def _run_workers(args: argparse.Namespace, settings: EngineSettings, mongo_uri: 
 def worker_app() -> Any:
     """The app of one worker process (see `_run_workers`)."""
     from engine.app import MongoDBEngine
-    from engine.logs import install_client_fault_filter, install_redaction
+    from engine.logs import install_log_filters
 
-    install_redaction()
-    install_client_fault_filter()
+    install_log_filters()
     engine = MongoDBEngine(
         os.environ[_WORKER_MONGO_URI], os.environ.get(_WORKER_DB) or None, settings=_settings(None)
     )
@@ -262,11 +261,10 @@ async def serve_app(
     app_count: int,
 ) -> int:
     """Run an ASGI app under uvicorn until SIGINT/SIGTERM, printing the URL once bound."""
-    from engine.logs import install_client_fault_filter, install_redaction
+    from engine.logs import install_log_filters
     from engine.transport import outermost
 
-    install_redaction()
-    install_client_fault_filter()
+    install_log_filters()
     app = outermost(app)
 
     config = uvicorn.Config(

@@ -95,8 +95,10 @@ def install_redaction(level: str = "INFO") -> None:
             handler.addFilter(RedactingFilter())
 
 
-def install_client_fault_filter() -> None:
-    """Attach `ClientFaultFilter` to uvicorn's error logger, once."""
+def install_log_filters() -> None:
+    """What `serve` logs through: redaction on every handler, `ClientFaultFilter` on
+    uvicorn's error logger (each attached once)."""
+    install_redaction()
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, ClientFaultFilter) for f in logger.filters):
         logger.addFilter(ClientFaultFilter())
