@@ -22,6 +22,8 @@ from engine.auth import TokenVerifier
 from engine.bus import Bus
 from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
+from engine.delivery.router import Router
+from engine.delivery.view import Binding
 from engine.endpoint import Endpoint, EndpointSettings
 from engine.history import History
 from engine.http_broadcast import add_broadcast_route
@@ -31,7 +33,6 @@ from engine.metrics import EngineMetrics
 from engine.pages import add_app_page, mount_static, page_of
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
-from engine.router import Binding, Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
 from engine.stats import counting
 from engine.transport import TransportAbortMiddleware

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine import codec
 from engine.auth import ANONYMOUS, Principal
+from engine.delivery.members import Members
 from engine.frames import DirectSink, QueuedSink, Sink
 from engine.protocol import CloseCode, CloseReason, stamp_app_message
 from engine.stats import EndpointStats
@@ -168,18 +169,18 @@ class WebSocketConnectionManager:
 
     def __init__(self, app_slug: str) -> None:
         self.app_slug = app_slug
-        self._connections: dict[int, WebSocketConnection] = {}
+        self._connections = Members()  # keyed by id(websocket)
 
     @property
     def active_connections(self) -> list[WebSocketConnection]:
-        return list(self._connections.values())
+        return self._connections.all()
 
     def add(self, connection: WebSocketConnection) -> None:
-        self._connections[id(connection.websocket)] = connection
+        self._connections.add(id(connection.websocket), connection)
 
     def remove(self, connection: WebSocketConnection) -> None:
         if self._connections.get(id(connection.websocket)) is connection:
-            del self._connections[id(connection.websocket)]
+            self._connections.remove(id(connection.websocket))
         connection.stop()
 
     def find(self, websocket: Any) -> WebSocketConnection | None:
@@ -203,7 +204,7 @@ class WebSocketConnectionManager:
         return len(self._connections)
 
     def get_connections_by_user(self, user_id: str) -> list[WebSocketConnection]:
-        return [c for c in self._connections.values() if c.user_id == user_id]
+        return self._connections.of_user(user_id)
 
     def get_connection_count_by_user(self, user_id: str) -> int:
         return len(self.get_connections_by_user(user_id))
@@ -227,10 +228,9 @@ class WebSocketConnectionManager:
         return self.send_frame(frame, self._recipients(filter_by_user))
 
     def _recipients(self, user_id: str | None) -> Iterable[WebSocketConnection]:
-        connections = list(self._connections.values())
         if user_id is None:
-            return connections
-        return [c for c in connections if c.user_id == str(user_id)]
+            return self._connections.all()
+        return self._connections.of_user(str(user_id))
 
     @staticmethod
     def send_frame(frame: str, connections: Iterable[WebSocketConnection]) -> int:

@@ -32,7 +32,7 @@ import operator
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from re import _constants as _sre_constants  # type: ignore[attr-defined]
 from re import _parser as _sre_parser  # type: ignore[attr-defined]
@@ -51,10 +51,14 @@ __all__ = [
     "Matcher",
     "QueryError",
     "compile_query",
+    "is_operator_document",
+    "is_regex",
     "matches",
+    "path_reader",
     "placeholders_in",
     "substitute_placeholders",
     "validate_query",
+    "value_key",
 ]
 
 # In the order the error message lists them.
@@ -1318,3 +1322,42 @@ def compile_query(query: Mapping[str, Any] | None) -> Matcher:
 def matches(query: Mapping[str, Any] | None, document: Mapping[str, Any]) -> bool:
     """Whether `document` matches `query` (compiles each time: prefer compile_query)."""
     return compile_query(query)(document)
+
+
+# Equality as an index sees it: the same keys and the same paths as the matcher.
+
+
+def value_key(value: Any) -> Hashable | None:
+    """A key equal for exactly the values MongoDB finds equal to `value`; None for documents,
+    arrays and values without one (those compare only through the matcher)."""
+    return _hash_key(value)
+
+
+def path_reader(dotted: str) -> Callable[[Any], Sequence[Any]]:
+    """A function giving every value a dotted path reaches in a document, as an equality on
+    that path sees them: through subdocuments and arrays, a leaf array's elements and itself,
+    and a missing value where a field is absent."""
+    path = _FieldPath(dotted)
+    parts = path.parts
+
+    def read(document: Any) -> Sequence[Any]:
+        value = document
+        for part in parts:
+            if type(value) is not dict:  # arrays or other mappings on the way: the general walk
+                return list(path.values(document, 0, True))
+            value = value.get(part, _MISSING)
+        if isinstance(value, _ARRAYS):
+            return [*value, value]
+        return (value,)
+
+    return read
+
+
+def is_operator_document(value: Any) -> bool:
+    """Whether a query value is an operator object such as {"$gt": 1}."""
+    return _is_operator_document(value)
+
+
+def is_regex(value: Any) -> bool:
+    """Whether a query value is a regular expression (matched as a pattern, not equality)."""
+    return _is_regex(value)

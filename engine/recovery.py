@@ -17,11 +17,12 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from engine import codec
 from engine.changes import ChangeEvent, project
+from engine.delivery.router import Router
+from engine.delivery.view import Binding, Subscription, View
 from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.protocol import ErrorCode, error_message
 from engine.query import substitute_placeholders
-from engine.router import Binding, Router, Subscription, View
 from engine.watcher import Watcher
 
 logger = logging.getLogger("engine.recovery")
@@ -167,7 +168,7 @@ class Recovery:
             await asyncio.shield(connection.catch_up)
         binding = view.binding
         self.router.hold(connection)
-        view.subscriptions[subscription.id] = subscription
+        view.add_subscription(subscription)
         watcher = self.watchers.get(binding.database)
         position = watcher.position if watcher is not None else None
         try:

@@ -1,4 +1,4 @@
-"""Unit tests of engine.router: what each connection sees of each change (SPEC 3, 5).
+"""Unit tests of engine.delivery: what each connection sees of each change (SPEC 3, 5).
 
 No database and no sockets: bindings come from inline manifests through `Router.add_app`,
 events are built in memory, and connections record the frames queued for them.
@@ -19,9 +19,10 @@ from engine import codec
 from engine.auth import ANONYMOUS, Principal
 from engine.bus import BUS_COLLECTION
 from engine.changes import ChangeEvent, cluster_time_iso
+from engine.delivery.router import Router
+from engine.delivery.view import LEFT_SCOPE, Subscription, View
 from engine.hub import QueueLimits, WebSocketConnection
 from engine.manifest import parse_manifest
-from engine.router import LEFT_SCOPE, Router, Subscription, View
 
 Doc = dict[str, Any]
 

@@ -1230,7 +1230,7 @@ def test_scope_claims_shaped_like_operators_do_not_drop_the_connection(fuzzing: 
     A regression test now: fixed in af710fb.
 
     Found by fuzzing (see test_fuzz_manifests.test_attach_with_claims_that_hold_operator_
-    documents): engine.router.Router.attach compiles the scope {"team": "$claims.team"} with
+    documents): Router.attach compiles the scope {"team": "$claims.team"} with
     the claim substituted and raises QueryError; the client gets `connected`, then the socket
     is dropped without a close frame and "Exception in ASGI application" is logged. Expected:
     the connection works (the claim is data), it just never matches a team document.

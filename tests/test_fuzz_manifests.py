@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from engine import codec
 from engine.auth import ANONYMOUS, Principal
 from engine.changes import ChangeEvent, cluster_time_iso
+from engine.delivery.router import Router
 from engine.hub import WebSocketConnection
 from engine.manifest import OPERATIONS, ManifestError, parse_manifest, validate_command
-from engine.router import Router
 from tests.test_fuzz_query import documents, filters, json_values
 
 Strategy = st.SearchStrategy
