@@ -137,6 +137,7 @@ class Router:
         for view in connection.views.values():
             if isinstance(view, View) and view.index is not None:
                 view.index.remove(view)
+                view.index = None  # a late subscribe must not file it again
         held = self._held.get((connection.app_slug, connection.endpoint))
         if held is not None:
             held.pop(id(connection), None)
@@ -145,8 +146,10 @@ class Router:
         """Hold live events back for this connection until they are released."""
         if connection.pending is None:
             connection.pending = PendingEvents()
-        key = (connection.app_slug, connection.endpoint)
-        self._held.setdefault(key, {})[id(connection)] = connection
+        members = self._members.get(connection.app_slug)
+        if members is not None and members.get(id(connection)) is connection:
+            key = (connection.app_slug, connection.endpoint)
+            self._held.setdefault(key, {})[id(connection)] = connection
 
     # -- events ----------------------------------------------------------------------------
 

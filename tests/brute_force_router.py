@@ -1,0 +1,50 @@
+"""The reference for routing: every change asks every view of its endpoint, every broadcast
+visits every connection of its app. The indexed `Router` must deliver exactly what this does."""
+
+from __future__ import annotations
+
+from engine import codec
+from engine.bus import parse_bus_document
+from engine.changes import ChangeEvent
+from engine.delivery.router import Router
+from engine.delivery.view import Binding, Decision
+
+
+class BruteForceRouter(Router):
+    def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
+        frames: dict[Decision, str] = {}
+        queued = 0
+        members = self._members.get(binding.app_slug)
+        for connection in members.all() if members is not None else []:
+            view = connection.views.get(binding.collection)
+            if connection.endpoint != binding.endpoint or view is None or connection.closing:
+                continue
+            if connection.pending is not None:
+                continue  # held by Router._hold_event
+            decision = view.decide(event)
+            if decision is None:
+                continue
+            frame = frames.get(decision)
+            if frame is None:
+                frame = frames[decision] = self._encode(event, binding, decision)
+            if connection.send(frame):
+                queued += 1
+        return queued
+
+    def _route_broadcast(self, event: ChangeEvent) -> int:
+        published = parse_bus_document(event.document or {})
+        if published is None or published.origin == self.origin:
+            return 0
+        if self._app_databases.get(published.app_slug) != event.database:
+            return 0
+        members = self._members.get(published.app_slug)
+        frame = codec.dumps(published.message)
+        queued = 0
+        for connection in members.all() if members is not None else []:
+            if published.user_id is not None and connection.user_id != published.user_id:
+                continue
+            if connection.pending is not None:
+                connection.pending.add(None, event)
+            elif connection.send(frame):
+                queued += 1
+        return queued
