@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -57,8 +58,17 @@ def _masked(opcode: int, payload: bytes) -> bytes:
 class WsClient(asyncio.Protocol):
     """One connection. `sampled` ones record latency from the `t` field of each broadcast."""
 
-    def __init__(self, host: str, port: int, path: str, tally: Tally, sampled: bool) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        tally: Tally,
+        sampled: bool,
+        marks: tuple[bytes, ...] = BROADCAST_MARKS,
+    ) -> None:
         self.tally = tally
+        self.marks = marks  # how the messages counted begin
         self.sampled = sampled
         self.received = 0  # broadcasts on this connection
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -122,7 +132,7 @@ class WsClient(asyncio.Protocol):
             if end > size:
                 break
             opcode = buffer[position] & 0x0F
-            if opcode == _OP_TEXT and buffer.startswith(BROADCAST_MARKS, start):
+            if opcode == _OP_TEXT and buffer.startswith(self.marks, start):
                 counted += 1
                 if sampled:
                     self._record_latency(buffer, start, end)
@@ -180,8 +190,13 @@ async def open_clients(
     tally: Tally,
     samples: int = 0,
     concurrency: int = 64,
+    paths: Sequence[str] | None = None,
+    marks: tuple[bytes, ...] = BROADCAST_MARKS,
 ) -> list[WsClient]:
     """Open `count` connections, `concurrency` handshakes at a time.
+
+    `paths`, if given, holds each connection's own path (e.g. its own token); `marks` how the
+    messages to count begin (broadcasts by default).
 
     `samples` connections, spread evenly over the connection order (servers usually fan out in
     that order), record latency.
@@ -193,9 +208,10 @@ async def open_clients(
 
     async def one(index: int) -> None:
         sampled = bool(step) and index % step == 0 and index // step < samples
+        own_path = paths[index] if paths is not None else path
         async with gate:
             _, client = await loop.create_connection(
-                lambda: WsClient(host, port, path, tally, sampled), host, port
+                lambda: WsClient(host, port, own_path, tally, sampled, marks), host, port
             )
             await asyncio.wait_for(client.opened, 30)
             clients.append(client)
