@@ -172,6 +172,17 @@ def run_child(engine_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _changes_per_trial(args: argparse.Namespace, engine: str, scoped: bool, users: int) -> int:
+    """Enough changes for a steady figure, few enough that an engine whose cost grows with
+    the users connected finishes: unscoped trials and the engine before the index get a budget
+    of deliveries (unscoped) or of connections visited (before), at least 5 changes."""
+    if not scoped:
+        return max(5, args.deliveries // users)
+    if engine == "before":
+        return max(5, min(args.changes, 10 * args.deliveries // users))
+    return args.changes
+
+
 def in_process(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     engines = {
         "before": harness.engine_snapshot(args.before_ref, workdir),
@@ -183,8 +194,8 @@ def in_process(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         order = list(engines) if round_number % 2 == 0 else list(reversed(engines))
         for count in users:
             for scoped in (True, False):
-                changes = args.changes if scoped else max(5, args.deliveries // count)
                 for name in order:
+                    changes = _changes_per_trial(args, name, scoped, count)
                     spec = {"users": count, "scoped": scoped, "changes": changes, "memory": False}
                     mode = "scoped" if scoped else "unscoped"
                     trials.setdefault((name, mode, count), []).append(
