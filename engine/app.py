@@ -18,7 +18,6 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
-from engine.auth import TokenVerifier
 from engine.bus import Bus
 from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
@@ -26,6 +25,7 @@ from engine.endpoint import Endpoint, EndpointSettings
 from engine.history import History
 from engine.http_broadcast import add_broadcast_route
 from engine.hub import WebSocketConnectionManager
+from engine.identity.tokens import TokenVerifier
 from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
 from engine.metrics import EngineMetrics
 from engine.pages import add_app_page, mount_static, page_of

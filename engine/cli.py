@@ -108,7 +108,7 @@ def _parse_claim(text: str) -> tuple[str, Any]:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from engine.auth import issue_token
+    from engine.identity.tokens import issue_token
 
     if args.ttl <= 0:
         print("mdb-realtime token: --ttl must be positive", file=sys.stderr)

@@ -12,8 +12,8 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine import codec, protocol
-from engine.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_token
 from engine.hub import QueueLimits, WebSocketConnection
+from engine.identity.tokens import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_token
 from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.auth import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.bus import DEFAULT_BUS_TTL_SECONDS
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
+from engine.identity.tokens import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.limits import ClientLimits
 from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
 

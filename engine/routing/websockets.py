@@ -11,9 +11,9 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.auth import AuthError
 from engine.endpoint import Endpoint, EndpointSettings, authenticate
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
+from engine.identity.tokens import AuthError
 from engine.protocol import CloseCode
 from engine.realtime import MessageHandler, default_realtime
 from engine.settings import EngineSettings
