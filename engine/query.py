@@ -85,7 +85,9 @@ MAX_REGEX_LENGTH: Final = 1000
 # Objects and arrays nested deeper than this are refused, as MongoDB refuses deep BSON.
 MAX_QUERY_DEPTH: Final = 100
 
-PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.-]+)\Z")
+# Claim names as providers write them: `org_id`, `realm_access.roles`, `cognito:groups`,
+# `https://example.com/roles`.
+PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.:/-]+)\Z")
 _PLACEHOLDER_PREFIXES: Final = ("$user.", "$claims.")
 
 # A document with these keys is a DBRef, compared as a value rather than read as operators.

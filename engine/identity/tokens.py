@@ -23,6 +23,7 @@ from engine.protocol import CloseReason
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("HS256",)
 SECRET_FILE_NAME = "jwt_secret"
 TOKEN_COOKIES: tuple[str, ...] = ("ws_token", "token")
+MAX_CLAIM_PATHS = 256  # placeholder values one token can define; a token is not a database
 
 
 class AuthError(Exception):
@@ -50,9 +51,29 @@ class Principal:
         """Values for scope placeholders: `$user.id`, `$user.email`, `$claims.<name>`."""
         values: dict[str, Any] = {"$user.id": self.user_id, "$user.email": self.email}
         if self.authenticated:
-            for name, value in self.claims.items():
-                values[f"$claims.{name}"] = value
+            for name, value in claim_paths(self.claims):
+                values.setdefault(f"$claims.{name}", value)
         return values
+
+
+def claim_paths(claims: Mapping[str, Any], depth: int = 4) -> list[tuple[str, Any]]:
+    """Every claim by its name, then claims inside objects by dotted path
+    (`realm_access.roles`). A claim whose own name holds dots
+    (`https://example.com/roles`) is found by that name: top-level names come first."""
+    found: list[tuple[str, Any]] = [(str(name), value) for name, value in claims.items()]
+    level = [(str(name), value) for name, value in claims.items() if isinstance(value, Mapping)]
+    for _ in range(depth):
+        nested = [
+            (f"{prefix}.{name}", value)
+            for prefix, document in level
+            for name, value in document.items()
+            if len(found) < MAX_CLAIM_PATHS
+        ]
+        found.extend(nested)
+        level = [(path, value) for path, value in nested if isinstance(value, Mapping)]
+        if not level:
+            break
+    return found[:MAX_CLAIM_PATHS]
 
 
 ANONYMOUS = Principal()
@@ -64,6 +85,14 @@ def _all_values(params: Mapping[str, str], name: str) -> list[str]:
         return list(getlist(name))
     value = params.get(name)
     return [value] if value is not None else []
+
+
+def extract_ticket(query_params: Mapping[str, str]) -> str | None:
+    """The `?ticket=` of a handshake; when present it is the credential and tokens are not read."""
+    tickets = _all_values(query_params, "ticket")
+    if len(set(tickets)) > 1:
+        raise AuthError(CloseReason.INVALID_TICKET)
+    return tickets[0] if tickets and tickets[0] else None
 
 
 def extract_token(
@@ -115,19 +144,30 @@ class TokenVerifier:
 
     def verify(self, token: str, app_slug: str) -> Principal:
         """The principal a token names, or AuthError with the reason to close with."""
-        claims = self.claims(token)
-        if not _type_allowed(claims) or not _audience_allowed(claims, app_slug):
-            raise AuthError(CloseReason.INVALID_TOKEN)
-        user_id = claims.get("sub") or claims.get("user_id")
-        if user_id is None or isinstance(user_id, dict | list):
-            raise AuthError(CloseReason.INVALID_TOKEN)
-        email = claims.get("email")
-        return Principal(
-            user_id=str(user_id),
-            email=email if isinstance(email, str) else None,
-            claims=claims,
-            expires_at=float(claims["exp"]),
-        )
+        return principal_from_claims(self.claims(token), app_slug)
+
+
+def principal_from_claims(
+    claims: Mapping[str, Any], app_slug: str, *, audience_checked: bool = False
+) -> Principal:
+    """The principal of verified claims; AuthError when they do not name a user of the app.
+
+    Without a configured audience (`audience_checked` False), an `aud` must name the app.
+    """
+    if not _type_allowed(claims) or not _finite_number(claims.get("exp")):
+        raise AuthError(CloseReason.INVALID_TOKEN)
+    if not audience_checked and not _audience_allowed(claims, app_slug):
+        raise AuthError(CloseReason.INVALID_TOKEN)
+    user_id = claims.get("sub") or claims.get("user_id")
+    if user_id is None or isinstance(user_id, dict | list):
+        raise AuthError(CloseReason.INVALID_TOKEN)
+    email = claims.get("email")
+    return Principal(
+        user_id=str(user_id),
+        email=email if isinstance(email, str) else None,
+        claims=dict(claims),
+        expires_at=float(claims["exp"]),
+    )
 
 
 def _finite_number(value: Any) -> bool:

@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.endpoint import Endpoint, EndpointSettings, authenticate
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
+from engine.identity.providers import AppIdentity
 from engine.identity.tokens import AuthError
 from engine.protocol import CloseCode
 from engine.realtime import MessageHandler, default_realtime
@@ -66,9 +67,9 @@ async def authenticate_websocket(
     """
     settings = EndpointSettings(app_slug=app_slug, name="", path="", require_auth=require_auth)
     try:
-        principal = authenticate(
+        principal = await authenticate(
             settings,
-            EngineSettings.from_env().verifier(),
+            EngineSettings.from_env().identity().for_app(app_slug),
             websocket.query_params,
             websocket.headers,
         )
@@ -90,6 +91,8 @@ def create_websocket_endpoint(
     if handler is not None:
         state.register_handler(app_slug, endpoint_name, handler)
     env_settings = EngineSettings.from_env()
+    # Built once, on first use: the secret may be generated in the data folder then.
+    identity = _LazyIdentity(env_settings, app_slug)
     endpoint = Endpoint(
         EndpointSettings(
             app_slug=app_slug,
@@ -101,6 +104,20 @@ def create_websocket_endpoint(
             queue_limits=env_settings.queue_limits,
         ),
         state,
-        env_settings.verifier,
+        identity,
     )
     return endpoint.__call__
+
+
+class _LazyIdentity:
+    """The app's identity from the environment, built when the first connection comes."""
+
+    def __init__(self, settings: EngineSettings, app_slug: str) -> None:
+        self._settings = settings
+        self._app_slug = app_slug
+        self._built: AppIdentity | None = None
+
+    def __call__(self) -> AppIdentity:
+        if self._built is None:
+            self._built = self._settings.identity().for_app(self._app_slug)
+        return self._built
