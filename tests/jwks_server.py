@@ -84,6 +84,16 @@ def provider_claims(user: str, ttl: int = 600, **extra: Any) -> dict[str, Any]:
     return {k: v for k, v in claims.items() if v is not None}
 
 
+def provider_env(server: JwksServer, min_refetch_seconds: float = 1.0) -> dict[str, str]:
+    """Engine settings that trust `server` as the identity provider."""
+    return {
+        "MDB_REALTIME_JWKS_URL": server.url,
+        "MDB_REALTIME_JWT_ISSUER": ISSUER,
+        "MDB_REALTIME_JWT_AUDIENCE": AUDIENCE,
+        "MDB_REALTIME_JWKS_MIN_REFETCH_SECONDS": str(min_refetch_seconds),
+    }
+
+
 class JwksServer:
     """Serves `/jwks` (the current keys) and counts the requests."""
 

@@ -27,7 +27,13 @@ from websockets.exceptions import ConnectionClosed
 
 from engine.auth import issue_token
 from tests.conftest import RunningApp, start_app_server
-from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey, provider_claims, sign_raw
+from tests.jwks_server import (
+    JwksServer,
+    SigningKey,
+    provider_claims,
+    provider_env,
+    sign_raw,
+)
 from tests.support import TEST_SECRET, connect, receive_json, receive_until
 
 TENANT_AUDIENCE = "tenant-api"
@@ -60,15 +66,6 @@ def manifests(folder: Path, tenant_jwks: str) -> Path:
     for manifest in (alpha, tenant):
         (root / f"{manifest['slug']}.json").write_text(json.dumps(manifest))
     return root
-
-
-def provider_env(server: JwksServer) -> dict[str, str]:
-    return {
-        "MDB_REALTIME_JWKS_URL": server.url,
-        "MDB_REALTIME_JWT_ISSUER": ISSUER,
-        "MDB_REALTIME_JWT_AUDIENCE": AUDIENCE,
-        "MDB_REALTIME_JWKS_MIN_REFETCH_SECONDS": "1",
-    }
 
 
 @dataclass
