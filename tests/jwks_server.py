@@ -100,6 +100,7 @@ class JwksServer:
     def __init__(self, keys: list[SigningKey]) -> None:
         self.keys = list(keys)
         self.requests = 0
+        self.delay = 0.0  # seconds each answer waits (a slow provider)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
@@ -123,6 +124,7 @@ class JwksServer:
             def do_GET(self) -> None:
                 with owner._lock:
                     owner.requests += 1
+                time.sleep(owner.delay)
                 if self.path != "/jwks":
                     self.send_error(404)
                     return
