@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,13 +29,24 @@ from websockets.exceptions import ConnectionClosed
 from engine.auth import issue_token
 from tests.conftest import RunningApp, start_app_server
 from tests.jwks_server import (
+    AUDIENCE,
+    ISSUER,
     JwksServer,
     SigningKey,
     provider_claims,
     provider_env,
     sign_raw,
 )
-from tests.support import TEST_SECRET, connect, receive_json, receive_until
+from tests.support import (
+    REPO,
+    TEST_SECRET,
+    ServerProcess,
+    connect,
+    engine_env,
+    receive_json,
+    receive_until,
+    serve_command,
+)
 
 TENANT_AUDIENCE = "tenant-api"
 
@@ -340,3 +352,42 @@ async def test_readyz_reports_a_jwks_that_cannot_be_fetched_at_start(
         app.server.stop()
         server.stop()
         tenant.stop()
+
+
+# -- serve flags -----------------------------------------------------------------------------------
+
+
+async def test_serve_flags_configure_the_provider(mongo_uri: str, tmp_path: Path) -> None:
+    key = SigningKey.generate("EdDSA")
+    server = JwksServer([key]).start()
+    tenant = JwksServer([SigningKey.generate("ES256")]).start()
+    env = engine_env(mongo_uri, tmp_path, MDB_REALTIME_DB=f"t_{uuid.uuid4().hex[:12]}")
+    flags = ["--jwks-url", server.url, "--jwt-issuer", ISSUER, "--jwt-audience", f"x,{AUDIENCE}"]
+    command = serve_command("--manifests", str(manifests(tmp_path, tenant.url)), *flags)
+    process = ServerProcess(command, env, tmp_path / "serve.log").start()
+    try:
+        state = Provider(
+            RunningApp(process, mongo_uri, ""), server, tenant, {"EdDSA": key}, key, tmp_path
+        )
+        assert (await hello_for(state, key.sign(provider_claims("flagged"))))[
+            "user_id"
+        ] == "flagged"
+        wrong = key.sign(provider_claims("u", iss="https://elsewhere.test/"))
+        assert await refused_with(state, wrong) == (1008, "invalid token")
+    finally:
+        process.stop()
+        server.stop()
+        tenant.stop()
+
+
+def test_serve_refuses_a_bad_jwks_url_clearly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*serve_command("--jwks-url", "ftp://idp.test/jwks"), "--manifests", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=engine_env(None, tmp_path),
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "MDB_REALTIME_JWKS_URL must be an http(s) URL" in result.stderr
