@@ -132,6 +132,7 @@ class RealtimeClient:
         self.failure: ClientClosed | None = None
         self._token = get_token if get_token is not None else token
         self._use_ticket = use_ticket
+        self._refreshes = get_token is not None  # a callable `token` is only read on connect
         self._connected_with: str | None = None  # the token of the current connection
         self._refresher: TokenRefresher | None = None
         self._headers = dict(headers or {})
@@ -379,7 +380,7 @@ class RealtimeClient:
     async def _opened(self, ws: ClientConnection, message: dict[str, Any]) -> None:
         self.connected_message = message
         self._set_state("open")
-        if callable(self._token) and self._refresher is None:
+        if self._refreshes and callable(self._token) and self._refresher is None:
             self._refresher = TokenRefresher(self._token, lambda m: ws.send(json.dumps(m)))
             self._refresher.start(self._connected_with)
         # With a position the server replays what was missed: subscriptions only narrow again.

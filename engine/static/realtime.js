@@ -115,6 +115,7 @@ export class RealtimeClient {
     this.failure = null; // {code, reason} once the client stopped for good
     this._token = getToken ?? token;
     this._useTicket = useTicket;
+    this._refreshes = typeof getToken === "function"; // a `token` function is read on connect only
     this._identity = new TokenRenewal((message) => this.send(message));
     this._backoff = backoff;
     this._subscriptions = new Map();
@@ -207,7 +208,7 @@ export class RealtimeClient {
     } else if (token) {
       url.searchParams.set("token", token);
     }
-    this._identity.connectingWith(typeof this._token === "function" ? this._token : null, token);
+    this._identity.connectingWith(this._refreshes ? this._token : null, token);
     if (this.view.lastEventId !== null) url.searchParams.set("last_event_id", this.view.lastEventId);
     const socket = new WebSocket(url);
     this._socket = socket;
