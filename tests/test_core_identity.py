@@ -303,3 +303,16 @@ def test_tickets_are_redacted_anywhere_in_a_log_line() -> None:
     line = f"redeeming {ticket} for /alpha/ws?ticket={ticket} and ticket={ticket}"
     assert ticket not in redact(line)
     assert redact(f"GET /alpha/ws?ticket={ticket} HTTP/1.1") == "GET /alpha/ws?[redacted] HTTP/1.1"
+
+
+def test_an_array_claim_can_feed_in_and_nin() -> None:
+    scope = {"team": {"$in": "$claims.teams"}, "level": {"$nin": "$claims.banned"}}
+    validate_query(scope, allow_placeholders=True)
+    with pytest.raises(QueryError):
+        validate_query(scope)  # outside a scope, placeholders are refused
+    values = Principal(
+        user_id="a", claims={"teams": ["red", "blue"], "banned": 3}
+    ).placeholder_values()
+    bound = substitute_placeholders(scope, values)
+    assert bound == {"team": {"$in": ["red", "blue"]}, "level": {"$nin": [3]}}
+    assert substitute_placeholders(scope, {"$claims.teams": ["red"]}) is None  # no `banned`

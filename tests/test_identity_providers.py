@@ -64,7 +64,7 @@ def manifests(folder: Path, tenant_jwks: str) -> Path:
                 "watch": {
                     "notes": {"scope": {"org": "$claims.org_id"}},
                     "memos": {"scope": {"team": "$claims.https://idp.test/team"}},
-                    "groups": {"scope": {"group": "$claims.realm_access.group"}},
+                    "groups": {"scope": {"group": {"$in": "$claims.realm_access.groups"}}},
                 },
             }
         },
@@ -217,7 +217,7 @@ async def test_scope_placeholders_read_provider_claims(provider: Provider) -> No
     claims = provider_claims(
         "scoped",
         org_id="org-1",
-        realm_access={"group": "g2", "roles": ["admin"]},
+        realm_access={"groups": ["g1", "g2"]},
         **{"https://idp.test/team": "blue"},
     )
     token = provider.keys["RS256"].sign(claims)
