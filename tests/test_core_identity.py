@@ -316,3 +316,17 @@ def test_an_array_claim_can_feed_in_and_nin() -> None:
     bound = substitute_placeholders(scope, values)
     assert bound == {"team": {"$in": ["red", "blue"]}, "level": {"$nin": [3]}}
     assert substitute_placeholders(scope, {"$claims.teams": ["red"]}) is None  # no `banned`
+
+
+async def test_provider_clock_skew_is_allowed_for_iat_and_nbf_not_exp(server: JwksServer) -> None:
+    key = server.keys[0]
+    app = Identity(TokenVerifier(SECRET), ProviderConfig(jwks_url=server.url)).for_app("todo")
+    now = int(time.time())
+    soon = provider_claims("ann", aud=None, iat=now + 10, nbf=now + 10)
+    assert (await app.verify(key.sign(soon))).user_id == "ann"
+    with pytest.raises(AuthError) as early:
+        await app.verify(key.sign(provider_claims("ann", aud=None, nbf=now + 3600)))
+    assert str(early.value.reason) == "invalid token"
+    with pytest.raises(AuthError) as late:
+        await app.verify(key.sign(provider_claims("ann", aud=None, exp=now - 1)))
+    assert str(late.value.reason) == "token expired"

@@ -11,6 +11,7 @@ provider's public key as an HMAC secret has nothing to verify against).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,10 @@ PROVIDER_ALGORITHMS: tuple[str, ...] = (
 DEFAULT_PROVIDER_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
 UNTRUSTED_KEY_HEADERS: tuple[str, ...] = ("jku", "x5u", "x5c", "jwk")
 DEFAULT_TICKET_TTL_SECONDS = 30
+# A provider's clock and ours may differ a little: `iat` and `nbf` get this much slack
+# (a token issued "in the future" by a few seconds is fine). `exp` gets none, so that a
+# connection is never accepted with a token its expiry timer would close at once.
+PROVIDER_CLOCK_SKEW_SECONDS = 30.0
 
 
 def check_jwks_url(url: str) -> str:
@@ -124,9 +129,12 @@ class AppIdentity:
         if key is None:
             raise AuthError(CloseReason.INVALID_TOKEN)
         claims = self._provider_claims(token, key, alg, provider)
-        return principal_from_claims(
+        principal = principal_from_claims(
             claims, self.app_slug, audience_checked=bool(provider.audience)
         )
+        if principal.expires_at is not None and principal.expires_at <= time.time():
+            raise AuthError(CloseReason.TOKEN_EXPIRED)
+        return principal
 
     def _provider_claims(
         self, token: str, key: PyJWK, alg: str, provider: ProviderConfig
@@ -143,7 +151,7 @@ class AppIdentity:
                 algorithms=[alg],
                 issuer=provider.issuer,
                 audience=list(provider.audience) or None,
-                leeway=self.secret.leeway_seconds,
+                leeway=max(self.secret.leeway_seconds, PROVIDER_CLOCK_SKEW_SECONDS),
                 options={"require": required, "verify_aud": bool(provider.audience)},
             )
         except jwt.ExpiredSignatureError:
