@@ -391,3 +391,10 @@ def test_serve_refuses_a_bad_jwks_url_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "MDB_REALTIME_JWKS_URL must be an http(s) URL" in result.stderr
+
+
+async def test_mdb_engine_style_endpoints_accept_provider_tokens(provider: Provider) -> None:
+    token = provider.keys["RS256"].sign(provider_claims("compat-user"))
+    assert (await hello_for(provider, token, "/_test/compat"))["user_id"] == "compat-user"
+    forged = SigningKey.generate("RS256").sign(provider_claims("compat-user"))
+    assert await refused_with(provider, forged, "/_test/compat") == (1008, "invalid token")

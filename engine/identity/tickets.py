@@ -16,7 +16,8 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +27,9 @@ from pymongo.errors import PyMongoError
 from engine import codec
 from engine.identity.tokens import AuthError, Principal, principal_from_claims
 from engine.protocol import CloseReason
+
+if TYPE_CHECKING:
+    from engine.identity.providers import AppIdentity
 
 logger = logging.getLogger("engine.identity.tickets")
 
@@ -85,11 +89,8 @@ class TicketStore:
             return None
 
 
-def add_ticket_route(app: FastAPI, app_slug: str, identity: Any) -> str:
-    """Mount `POST /<slug>/ticket`: Authorization: Bearer <token> -> {"ticket", "expires_in"}.
-
-    `identity` is a callable returning the app's `AppIdentity`.
-    """
+def add_ticket_route(app: FastAPI, app_slug: str, identity: Callable[[], AppIdentity]) -> str:
+    """Mount `POST /<slug>/ticket`: Authorization: Bearer <token> -> {"ticket", "expires_in"}."""
 
     async def ticket_route(request: Request) -> JSONResponse:
         verifier = identity()

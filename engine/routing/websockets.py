@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.endpoint import Endpoint, EndpointSettings, authenticate
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
-from engine.identity.providers import AppIdentity
+from engine.identity.providers import AppIdentity, Identity
 from engine.identity.tokens import AuthError
 from engine.protocol import CloseCode
 from engine.realtime import MessageHandler, default_realtime
@@ -69,7 +69,7 @@ async def authenticate_websocket(
     try:
         principal = await authenticate(
             settings,
-            EngineSettings.from_env().identity().for_app(app_slug),
+            _shared_identity(EngineSettings.from_env()).for_app(app_slug),
             websocket.query_params,
             websocket.headers,
         )
@@ -119,5 +119,18 @@ class _LazyIdentity:
 
     def __call__(self) -> AppIdentity:
         if self._built is None:
-            self._built = self._settings.identity().for_app(self._app_slug)
+            self._built = _shared_identity(self._settings).for_app(self._app_slug)
         return self._built
+
+
+_IDENTITIES: dict[tuple[object, ...], Identity] = {}
+
+
+def _shared_identity(settings: EngineSettings) -> Identity:
+    """One Identity per configuration in this process, so the functions above share one key
+    cache per JWKS URL (and its refetch limit) instead of fetching per handshake."""
+    key = (settings.jwt_secret, settings.data_dir, settings.jwt_algorithms, settings.provider)
+    identity = _IDENTITIES.get(key)
+    if identity is None:
+        identity = _IDENTITIES[key] = settings.identity()
+    return identity
