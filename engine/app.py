@@ -18,7 +18,6 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
-from engine.auth import TokenVerifier
 from engine.bus import Bus
 from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
@@ -28,9 +27,19 @@ from engine.endpoint import Endpoint, EndpointSettings
 from engine.history import History
 from engine.http_broadcast import add_broadcast_route
 from engine.hub import WebSocketConnectionManager
-from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
+from engine.identity.providers import DEFAULT_TICKET_TTL_SECONDS, AppIdentity, Identity
+from engine.identity.tickets import TICKET_COLLECTION, TicketStore, add_ticket_route
+from engine.identity.tokens import TokenVerifier
+from engine.manifest import (
+    Manifest,
+    WebSocketEndpoint,
+    find_manifests,
+    load_manifest_file,
+    parse_manifest,
+)
 from engine.metrics import EngineMetrics
 from engine.pages import add_app_page, mount_static, page_of
+from engine.query import placeholders_in
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
@@ -98,6 +107,10 @@ class MongoDBEngine:
         self.realtime.start()
         self._running = True
         self._checkpoints = CheckpointStore(self._client[self.db_name][CHECKPOINT_COLLECTION])
+        tickets = TicketStore(self._client[self.db_name][TICKET_COLLECTION])
+        await tickets.prepare()
+        self.identity.tickets = tickets
+        await self.identity.start()
         await self._sync_watchers()
         self.bus = Bus(
             self._client, self.router.app_database, self.origin, self.settings.bus_ttl_seconds
@@ -198,7 +211,18 @@ class MongoDBEngine:
 
     @cached_property
     def verifier(self) -> TokenVerifier:
-        return self.settings.verifier()
+        return self.identity.secret
+
+    @cached_property
+    def identity(self) -> Identity:
+        return self.settings.identity()
+
+    def app_identity(self, slug: str) -> AppIdentity:
+        """How the tokens and tickets of app `slug` are verified."""
+        manifest = self.app_manifest(slug)
+        return self.identity.for_app(
+            slug, manifest.jwt_settings(), manifest.ticket_ttl_seconds(DEFAULT_TICKET_TTL_SECONDS)
+        )
 
     def register_websocket_routes(self, app: FastAPI, slug: str) -> list[str]:
         """Mount every endpoint of app `slug` at `/<slug><path>`; the mounted paths."""
@@ -217,9 +241,10 @@ class MongoDBEngine:
                     max_message_bytes=self.settings.max_message_bytes,
                     queue_limits=self.settings.queue_limits,
                     client_limits=self.settings.client_limits,
+                    identity_placeholders=_scope_placeholders(config),
                 ),
                 self.realtime,
-                lambda: self.verifier,
+                lambda: self.app_identity(slug),
                 protocol_handlers=self.router.protocol_handlers(),
                 on_connect=self.recovery.on_connect,
                 on_disconnect=self.router.detach,
@@ -259,6 +284,7 @@ class MongoDBEngine:
     def register_http_routes(self, app: FastAPI, slug: str, page: Path | None = None) -> None:
         """`POST /<slug>/broadcast` for service back ends, and the app's page at `/<slug>/`."""
         add_broadcast_route(app, slug, lambda: self.verifier, self.realtime.broadcast)
+        add_ticket_route(app, slug, lambda: self.app_identity(slug))
         if page is not None:
             add_app_page(app, slug, page)
 
@@ -284,6 +310,7 @@ class MongoDBEngine:
             for name, watcher in self._watchers.items()
             if not watcher.running
         ]
+        problems += await self.identity.problems()
         try:
             await asyncio.wait_for(self._client.admin.command("ping"), READY_TIMEOUT_SECONDS)
         except (PyMongoError, TimeoutError) as error:
@@ -343,6 +370,15 @@ class MongoDBEngine:
     async def _metrics(self) -> PlainTextResponse:
         body, content_type = self.metrics.render()
         return PlainTextResponse(body, media_type=content_type)
+
+
+def _scope_placeholders(endpoint: WebSocketEndpoint) -> tuple[str, ...]:
+    """The placeholders the endpoint's scopes read (what a refreshed token must keep)."""
+    found: set[str] = set()
+    for binding in endpoint.watch.values():
+        if binding.scope is not None:
+            found |= placeholders_in(binding.scope)
+    return tuple(sorted(found))
 
 
 def _allowed_origins(manifest: Manifest) -> tuple[str, ...] | None:

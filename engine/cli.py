@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default=None, help="data folder (default: .mdb-realtime)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
+        "--jwks-url", default=None, help="identity provider keys (default: $MDB_REALTIME_JWKS_URL)"
+    )
+    serve.add_argument(
+        "--jwt-issuer", default=None, help="required `iss` (default: $MDB_REALTIME_JWT_ISSUER)"
+    )
+    serve.add_argument(
+        "--jwt-audience",
+        default=None,
+        help="accepted `aud`, comma-separated (default: $MDB_REALTIME_JWT_AUDIENCE)",
+    )
+    serve.add_argument(
         "--workers", type=int, default=1, help="engine processes sharing the port (default 1)"
     )
     serve.add_argument(
@@ -80,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PROVIDER_FLAGS = {
+    "jwks_url": "MDB_REALTIME_JWKS_URL",
+    "jwt_issuer": "MDB_REALTIME_JWT_ISSUER",
+    "jwt_audience": "MDB_REALTIME_JWT_AUDIENCE",
+}
+
+
+def _apply_provider_flags(args: argparse.Namespace) -> None:
+    """Flags win over the environment; set there, worker processes inherit them too."""
+    for flag, variable in _PROVIDER_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[variable] = value
+
+
 def _settings(data_dir: str | None) -> EngineSettings:
     settings = EngineSettings.from_env()
     return replace(settings, data_dir=Path(data_dir)) if data_dir else settings
@@ -108,7 +134,7 @@ def _parse_claim(text: str) -> tuple[str, Any]:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from engine.auth import issue_token
+    from engine.identity.tokens import issue_token
 
     if args.ttl <= 0:
         print("mdb-realtime token: --ttl must be positive", file=sys.stderr)
@@ -134,7 +160,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Before anything logs, so that no line (the embedded database's start included) has a token.
     logging.config.dictConfig(logging_config(args.log_level.upper()))
-    settings = _settings(args.data_dir)
+    _apply_provider_flags(args)
+    try:
+        settings = _settings(args.data_dir)
+    except ValueError as error:
+        print(f"mdb-realtime: {error}", file=sys.stderr)
+        return 2
     mongo_uri = args.mongo_uri or os.environ.get("MONGODB_URI")
     embedded: EmbeddedDatabase | None = None
     if not mongo_uri:

@@ -29,6 +29,14 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from engine.identity.client_tokens import (
+    GetToken,
+    TicketRefused,
+    TokenRefresher,
+    call_token_source,
+    fetch_ticket,
+    ticket_url,
+)
 from engine.localview import LocalView
 
 logger = logging.getLogger("engine.client")
@@ -39,6 +47,8 @@ Callback = Callable[[dict[str, Any]], Awaitable[None] | None]
 ABNORMAL_CLOSURE = 1006  # the socket went away without a close frame
 POLICY_VIOLATION = 1008  # the server refused the token: retrying with the same one is useless
 TOKEN_EXPIRED = "token expired"
+# Refusals a fresh token (or ticket) from a token callback can cure.
+RENEWABLE_REFUSALS = frozenset({TOKEN_EXPIRED, "identity changed", "invalid ticket"})
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,15 @@ class RealtimeClient:
         backoff: Backoff | None = None,
         open_timeout: float = 10.0,
         headers: Mapping[str, str] | None = None,
+        get_token: GetToken | None = None,
+        use_ticket: bool = False,
     ) -> None:
+        """`get_token`: a callback (sync or async) returning a fresh token; it is called on
+        each connect and before the token expires (the connection is refreshed in place).
+        `use_ticket`: trade the token for a single-use ticket (`POST /<slug>/ticket`) on
+        each connect, so the token itself is never sent on the WebSocket handshake."""
+        if get_token is not None and token is not None:
+            raise ValueError("pass either token or get_token, not both")
         self.url = url
         self.view = LocalView(last_event_id)
         self.backoff = backoff or Backoff()
@@ -112,7 +130,11 @@ class RealtimeClient:
         self.connected_message: dict[str, Any] | None = None
         self.state = "idle"  # idle, connecting, open, waiting (to reconnect), closed
         self.failure: ClientClosed | None = None
-        self._token = token
+        self._token = get_token if get_token is not None else token
+        self._use_ticket = use_ticket
+        self._refreshes = get_token is not None  # a callable `token` is only read on connect
+        self._connected_with: str | None = None  # the token of the current connection
+        self._refresher: TokenRefresher | None = None
         self._headers = dict(headers or {})
         self._subscriptions: dict[str, Subscription] = {}
         self._callbacks: dict[str, list[Callback]] = {}
@@ -269,10 +291,14 @@ class RealtimeClient:
         try:
             headers = dict(self._headers)
             token = await self._current_token()
-            if token:
+            self._connected_with = token
+            ticket = None
+            if token and self._use_ticket:
+                ticket = await fetch_ticket(ticket_url(self.url), token)
+            elif token:
                 headers["Authorization"] = f"Bearer {token}"
             async with websockets.connect(
-                self._url(),
+                self._url(ticket),
                 additional_headers=headers,
                 open_timeout=self.open_timeout,
                 max_size=None,
@@ -290,29 +316,36 @@ class RealtimeClient:
         except InvalidStatus as refused:
             status = refused.response.status_code
             return _Ending(None, f"handshake refused with HTTP {status}", opened, status)
+        except TicketRefused as refused:
+            return _Ending(None, str(refused), opened, refused.status)
         except (OSError, InvalidHandshake, TimeoutError) as error:
             return _Ending(None, f"cannot connect: {type(error).__name__}: {error}", opened)
+        finally:
+            if self._refresher is not None:
+                self._refresher.stop()
+                self._refresher = None
 
     def _should_retry(self, code: int | None, reason: str, http_status: int | None = None) -> bool:
         if http_status is not None:  # a refused handshake: only a server-side hiccup is retried
             return http_status >= 500 or http_status == 429
         if code == POLICY_VIOLATION:
             # A refused token: only a token source can offer a new one.
-            return callable(self._token) and reason == TOKEN_EXPIRED
+            return callable(self._token) and reason in RENEWABLE_REFUSALS
         return True
 
-    def _url(self) -> str:
+    def _url(self, ticket: str | None = None) -> str:
         parts = urlsplit(self.url)
-        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "last_event_id"]
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("last_event_id", "ticket")]
         if self.view.last_event_id is not None:
             query.append(("last_event_id", self.view.last_event_id))
+        if ticket is not None:
+            query.append(("ticket", ticket))
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     async def _current_token(self) -> str | None:
         if self._token is None or isinstance(self._token, str):
             return self._token
-        token = self._token()
-        return await token if inspect.isawaitable(token) else token
+        return await call_token_source(self._token)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -334,6 +367,8 @@ class RealtimeClient:
             await self._resubscribe(ws, snapshot_only=True)
         else:
             self.view.apply(message)
+        if self._refresher is not None:
+            self._refresher.on_message(message)
         await self._emit(str(kind), message)
         await self._emit("*", message)
         for wanted, future in list(self._watchers):
@@ -345,6 +380,9 @@ class RealtimeClient:
     async def _opened(self, ws: ClientConnection, message: dict[str, Any]) -> None:
         self.connected_message = message
         self._set_state("open")
+        if self._refreshes and callable(self._token) and self._refresher is None:
+            self._refresher = TokenRefresher(self._token, lambda m: ws.send(json.dumps(m)))
+            self._refresher.start(self._connected_with)
         # With a position the server replays what was missed: subscriptions only narrow again.
         # Without one, snapshots rebuild the views.
         await self._resubscribe(ws, snapshot_only=False)

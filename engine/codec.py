@@ -66,3 +66,11 @@ def loads(text: str | bytes) -> Any:
 def utc_now_iso() -> str:
     """Current time as ISO-8601 UTC with a trailing Z, the form every timestamp takes."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_utc(unix_time: float | None) -> str | None:
+    """A unix time as ISO-8601 UTC with a trailing Z (None stays None)."""
+    if unix_time is None:
+        return None
+    moment = dt.datetime.fromtimestamp(unix_time, dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -12,8 +12,10 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine import codec, protocol
-from engine.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, extract_token
 from engine.hub import QueueLimits, WebSocketConnection
+from engine.identity.providers import AppIdentity
+from engine.identity.refresh import refresh
+from engine.identity.tokens import ANONYMOUS, AuthError, Principal, extract_ticket, extract_token
 from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
@@ -40,6 +42,8 @@ class EndpointSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
     client_limits: ClientLimits = field(default_factory=ClientLimits)
+    # Placeholders the endpoint's scopes read: a refreshed token must keep their values.
+    identity_placeholders: tuple[str, ...] = ()
 
 
 # A hook for protocol message types the engine answers itself (subscribe, unsubscribe).
@@ -53,22 +57,26 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None) -> bool:
     return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
 
 
-def authenticate(
+async def authenticate(
     settings: EndpointSettings,
-    verifier: TokenVerifier,
+    identity: AppIdentity,
     query_params: Mapping[str, str],
     headers: Mapping[str, str],
 ) -> Principal:
     """The connection's principal; AuthError when it must be refused.
 
-    A token that is present is always verified, even where anonymous access is allowed.
+    A `?ticket=` is the credential when present. A token that is present is always verified,
+    even where anonymous access is allowed.
     """
+    ticket = extract_ticket(query_params)
+    if ticket is not None:
+        return await identity.redeem_ticket(ticket)
     token = extract_token(query_params, headers)
     if token is None:
         if settings.require_auth and not settings.allow_anonymous:
             raise AuthError(CloseReason.AUTH_REQUIRED)
         return ANONYMOUS
-    return verifier.verify(token, settings.app_slug)
+    return await identity.verify(token)
 
 
 class Endpoint:
@@ -78,7 +86,7 @@ class Endpoint:
         self,
         settings: EndpointSettings,
         realtime: Realtime,
-        verifier: Callable[[], TokenVerifier],
+        identity: Callable[[], AppIdentity],
         protocol_handlers: Mapping[str, ProtocolHandler] | None = None,
         on_connect: Callable[[WebSocketConnection], Awaitable[None] | None] | None = None,
         on_disconnect: Callable[[WebSocketConnection], None] | None = None,
@@ -86,7 +94,7 @@ class Endpoint:
     ) -> None:
         self.settings = settings
         self.realtime = realtime
-        self._verifier = verifier
+        self._identity = identity
         self._protocol_handlers = dict(protocol_handlers or {})
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -99,8 +107,8 @@ class Endpoint:
             await websocket.close(code=CloseCode.POLICY_VIOLATION)
             return
         try:
-            principal = authenticate(
-                settings, self._verifier(), websocket.query_params, websocket.headers
+            principal = await authenticate(
+                settings, self._identity(), websocket.query_params, websocket.headers
             )
         except AuthError as refused:
             await websocket.accept()
@@ -216,6 +224,10 @@ class Endpoint:
             return
         kind = message["type"]
         if kind == protocol.PONG:
+            return
+        if kind == protocol.AUTH:
+            placeholders = self.settings.identity_placeholders
+            await refresh(connection, message, self._identity(), placeholders)
             return
         protocol_handler = self._protocol_handlers.get(kind)
         if protocol_handler is not None:

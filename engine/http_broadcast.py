@@ -15,7 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from engine.auth import AuthError, TokenVerifier
+from engine.identity.tokens import AuthError, TokenVerifier
 
 SERVICE_ROLE = "service"
 

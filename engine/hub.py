@@ -87,9 +87,16 @@ class WebSocketConnection:
                 self._broken,
                 f"ws-writer-{self.connection_id}",
             )
-        if self.principal.expires_at is not None:
+        self.set_expiry(self.principal.expires_at)
+
+    def set_expiry(self, expires_at: float | None) -> None:
+        """Close with 1008 `token expired` at `expires_at` (unix time; None: never)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if expires_at is not None and not self.closing:
             loop = asyncio.get_running_loop()
-            delay = max(0.0, self.principal.expires_at - time.time())
+            delay = max(0.0, expires_at - time.time())
             self._expiry = loop.call_at(
                 loop.time() + delay,
                 self.close,

@@ -14,11 +14,13 @@ from typing import Any
 REDACTED = "[redacted]"
 _QUERY_IN_URL = re.compile(r"(/[^\s\"'?]*)\?[^\s\"']*")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_TICKET = re.compile(r"mrt_[A-Za-z0-9_-]{8,}")  # engine.identity.tickets.TICKET_PREFIX
 
 
 def redact(text: str) -> str:
-    """The text with URL query strings and JWT-shaped strings removed."""
-    return _JWT.sub(REDACTED, _QUERY_IN_URL.sub(rf"\1?{REDACTED}", text))
+    """The text with URL query strings, JWT-shaped strings and tickets removed."""
+    text = _QUERY_IN_URL.sub(rf"\1?{REDACTED}", text)
+    return _TICKET.sub(REDACTED, _JWT.sub(REDACTED, text))
 
 
 class RedactingFilter(logging.Filter):

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine.identity.providers import check_algorithms, check_jwks_url
 from engine.query import QueryError, validate_query
 
 OPERATIONS: tuple[str, ...] = ("insert", "update", "replace", "delete")
@@ -42,6 +43,7 @@ _ORIGIN_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s]+")
 _DATABASE_FORBIDDEN = set('/\\. "$*<>:|?\x00')
 _DATABASE_MAX_BYTES = 63
 _PING_MIN, _PING_MAX = 5, 300
+_TICKET_TTL_MIN, _TICKET_TTL_MAX = 1, 3600
 
 
 class Problem(NamedTuple):
@@ -110,6 +112,18 @@ def _check_ping_interval(value: int) -> int:
     if not _PING_MIN <= value <= _PING_MAX:
         raise ValueError(f"must be between {_PING_MIN} and {_PING_MAX} seconds, got {value}")
     return value
+
+
+def _check_ticket_ttl(value: int) -> int:
+    if not _TICKET_TTL_MIN <= value <= _TICKET_TTL_MAX:
+        raise ValueError(
+            f"must be between {_TICKET_TTL_MIN} and {_TICKET_TTL_MAX} seconds, got {value}"
+        )
+    return value
+
+
+def _check_jwt_algorithms(value: list[str]) -> list[str]:
+    return list(check_algorithms(value))
 
 
 def collection_name_error(name: str) -> str | None:
@@ -258,6 +272,31 @@ class WebSocketEndpoint(BaseModel):
     auth: EndpointAuth = Field(default_factory=EndpointAuth)
     ping_interval: Annotated[int, AfterValidator(_check_ping_interval)] = 30
     watch: dict[CollectionName, WatchBinding] = Field(default_factory=dict)
+    # How long a connection ticket of the app lives (mdb-engine 0.15's key); see JwtConfig.
+    ticket_ttl_seconds: Annotated[int, AfterValidator(_check_ticket_ttl)] | None = None
+
+
+class JwtConfig(BaseModel):
+    """`auth.jwt`: the app's identity provider. Each key set here replaces the engine's."""
+
+    model_config = _STRICT
+
+    jwks_url: Annotated[str, AfterValidator(check_jwks_url)] | None = None
+    issuer: NonEmptyStr | None = None
+    audience: NonEmptyStr | list[NonEmptyStr] | None = None
+    algorithms: Annotated[list[str], AfterValidator(_check_jwt_algorithms)] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The keys that are set, for ProviderConfig.overridden_by."""
+        return self.model_dump(exclude_none=True)
+
+
+class AppAuth(BaseModel):
+    """The app's `auth`: mdb-engine's keys (`policy`, ...) are kept; `jwt` is read here."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="allow")
+
+    jwt: JwtConfig | None = None
 
 
 class DataConfig(BaseModel):
@@ -287,6 +326,7 @@ class Manifest(BaseModel):
     websockets: dict[EndpointName, WebSocketEndpoint] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     cors: CorsConfig | None = None
+    auth: AppAuth | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -327,6 +367,18 @@ class Manifest(BaseModel):
         prefix = self.data.collection_prefix
         return f"{self.slug}_{collection}" if prefix is None else f"{prefix}{collection}"
 
+    def jwt_settings(self) -> dict[str, Any]:
+        """The app's `auth.jwt` keys that are set (empty: the engine's provider settings)."""
+        if self.auth is None or self.auth.jwt is None:
+            return {}
+        return self.auth.jwt.settings()
+
+    def ticket_ttl_seconds(self, default: int) -> int:
+        """How long the app's tickets live: the shortest `ticket_ttl_seconds` of its endpoints
+        (a ticket opens any endpoint of the app), else `default`."""
+        ttls = [e.ticket_ttl_seconds for e in self.websockets.values() if e.ticket_ttl_seconds]
+        return min(ttls) if ttls else default
+
     def physical_database(self, default_database: str) -> str:
         """The MongoDB database that holds the app's collections."""
         return self.data.database or default_database
@@ -334,6 +386,17 @@ class Manifest(BaseModel):
     def to_document(self) -> dict[str, Any]:
         """The manifest as JSON-able data with every default filled in."""
         document = self.model_dump(mode="json")
+        auth = document.get("auth")
+        if isinstance(auth, dict):  # `jwt` shows only the keys it sets
+            if auth.get("jwt") is None:
+                auth.pop("jwt", None)
+            else:
+                auth["jwt"] = {k: v for k, v in auth["jwt"].items() if v is not None}
+        if document.get("auth") is None:
+            document.pop("auth", None)
+        for endpoint in document.get("websockets", {}).values():
+            if endpoint.get("ticket_ttl_seconds") is None:
+                endpoint.pop("ticket_ttl_seconds", None)
         ours = {key: document.pop(key) for key in ("websockets", "data", "cors")}
         # Identity first, other tools' keys next, then what this engine reads.
         return {"slug": document.pop("slug"), "name": document.pop("name"), **document, **ours}
@@ -434,6 +497,8 @@ def _model_at(parent: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model whose keys are expected at `parent` (for did-you-mean hints)."""
     if parent == ("data",):
         return DataConfig
+    if parent == ("auth", "jwt"):
+        return JwtConfig
     if not parent or parent[0] != "websockets":
         return None
     shapes: dict[tuple[int, str | None], type[BaseModel]] = {

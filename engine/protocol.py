@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from engine.codec import utc_now_iso
+from engine.codec import iso_utc, utc_now_iso
 
 PROTOCOL_VERSION = 1
 
@@ -26,6 +26,8 @@ class CloseReason(StrEnum):
     KEEPALIVE_TIMEOUT = "keepalive timeout"
     TOO_MANY_CONNECTIONS = "too many connections"
     RATE_LIMITED = "rate limited"
+    INVALID_TICKET = "invalid ticket"
+    IDENTITY_CHANGED = "identity changed"
 
 
 class ErrorCode(StrEnum):
@@ -34,12 +36,14 @@ class ErrorCode(StrEnum):
     FORBIDDEN_FILTER = "forbidden_filter"
     HANDLER_ERROR = "handler_error"
     RATE_LIMITED = "rate_limited"
+    INVALID_TOKEN = "invalid_token"
 
 
 # Client message types the engine answers itself; every other type goes to the app's handler.
 PONG = "pong"
 SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
+AUTH = "auth"
 
 
 def connected_message(
@@ -71,6 +75,11 @@ def ping_message() -> dict[str, Any]:
 
 def error_message(code: ErrorCode, message: str, ref: Any = None) -> dict[str, Any]:
     return {"type": "error", "code": str(code), "message": message, "ref": ref}
+
+
+def auth_ok_message(ref: Any, expires_at: float | None) -> dict[str, Any]:
+    """The answer to `auth`: the connection now closes at `expires_at` (ISO-8601 UTC)."""
+    return {"type": "auth_ok", "id": ref, "expires_at": iso_utc(expires_at)}
 
 
 def stamp_app_message(message: dict[str, Any], app_slug: str) -> dict[str, Any]:

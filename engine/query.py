@@ -89,7 +89,9 @@ MAX_REGEX_LENGTH: Final = 1000
 # Objects and arrays nested deeper than this are refused, as MongoDB refuses deep BSON.
 MAX_QUERY_DEPTH: Final = 100
 
-PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.-]+)\Z")
+# Claim names as providers write them: `org_id`, `realm_access.roles`, `cognito:groups`,
+# `https://example.com/roles`.
+PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.:/-]+)\Z")
 _PLACEHOLDER_PREFIXES: Final = ("$user.", "$claims.")
 
 # A document with these keys is a DBRef, compared as a value rather than read as operators.
@@ -1017,6 +1019,11 @@ class _Compiler:
         return _leaf(_ordering(op, argument), field)
 
     def _in(self, op: str, argument: Any, field: str | None, path: str) -> Predicate:
+        if isinstance(argument, str) and argument.startswith(_PLACEHOLDER_PREFIXES):
+            # `{"team": {"$in": "$claims.teams"}}`: a claim holding the values (scopes only).
+            self._check_placeholder(argument, path)
+            if self._placeholders is _Placeholders.ALLOW:
+                return _leaf(_membership([], []), field)
         if not isinstance(argument, _ARRAYS):
             raise QueryError(f"{op} needs an array", path)
         values: list[Any] = []
@@ -1203,7 +1210,10 @@ def _map_field(value: Any, replace: Callable[[str], Any]) -> Any:
 def _map_operators(spec: Mapping[str, Any], replace: Callable[[str], Any]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for op, argument in spec.items():
-        if op in _LITERAL_OPERATORS:
+        if op in ("$in", "$nin") and _is_placeholder(argument):
+            values = replace(argument)  # a claim with one value stands for a list of one
+            result[op] = list(values) if isinstance(values, _ARRAYS) else [values]
+        elif op in _LITERAL_OPERATORS:
             result[op] = _map_literal(argument, replace)
         elif op == "$all" and isinstance(argument, _ARRAYS):
             result[op] = [_map_field(item, replace) for item in argument]

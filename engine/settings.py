@@ -7,16 +7,59 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.auth import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.bus import DEFAULT_BUS_TTL_SECONDS
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
+from engine.identity.jwks import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MIN_REFETCH_SECONDS, JwksTiming
+from engine.identity.providers import (
+    DEFAULT_PROVIDER_ALGORITHMS,
+    Identity,
+    ProviderConfig,
+    check_algorithms,
+    check_jwks_url,
+)
+from engine.identity.tokens import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.limits import ClientLimits
 from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
 DEFAULT_DB_NAME = "mdb_realtime"
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def provider_from_env(env: Mapping[str, str]) -> ProviderConfig:
+    """MDB_REALTIME_JWKS_URL, _JWT_ISSUER, _JWT_AUDIENCE (comma-separated), _JWKS_ALGORITHMS."""
+    url = env.get("MDB_REALTIME_JWKS_URL") or None
+    algorithms = _list(env, "MDB_REALTIME_JWKS_ALGORITHMS") or DEFAULT_PROVIDER_ALGORITHMS
+    try:
+        if url is not None:
+            check_jwks_url(url)
+    except ValueError as error:
+        raise ValueError(f"MDB_REALTIME_JWKS_URL {error}") from None
+    try:
+        check_algorithms(algorithms)
+    except ValueError as error:
+        raise ValueError(f"MDB_REALTIME_JWKS_ALGORITHMS {error}") from None
+    return ProviderConfig(
+        jwks_url=url,
+        issuer=env.get("MDB_REALTIME_JWT_ISSUER") or None,
+        audience=_list(env, "MDB_REALTIME_JWT_AUDIENCE"),
+        algorithms=algorithms,
+    )
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -42,6 +85,8 @@ class EngineSettings:
     snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
     bus_ttl_seconds: int = DEFAULT_BUS_TTL_SECONDS  # how long broadcasts stay for resumes
     client_limits: ClientLimits = field(default_factory=ClientLimits)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)  # tokens from a JWKS URL
+    jwks_timing: JwksTiming = field(default_factory=JwksTiming)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
@@ -74,6 +119,15 @@ class EngineSettings:
             ),
             history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
             snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
+            provider=provider_from_env(env),
+            jwks_timing=JwksTiming(
+                min_refetch_seconds=_float(
+                    env, "MDB_REALTIME_JWKS_MIN_REFETCH_SECONDS", DEFAULT_MIN_REFETCH_SECONDS
+                ),
+                max_age_seconds=_float(
+                    env, "MDB_REALTIME_JWKS_MAX_AGE_SECONDS", DEFAULT_MAX_AGE_SECONDS
+                ),
+            ),
             queue_limits=QueueLimits(
                 max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
                 max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),
@@ -83,3 +137,7 @@ class EngineSettings:
     def verifier(self) -> TokenVerifier:
         secret = self.jwt_secret or resolve_secret(self.data_dir)
         return TokenVerifier(secret=secret, algorithms=self.jwt_algorithms)
+
+    def identity(self) -> Identity:
+        """The engine secret and the default identity provider, for every app."""
+        return Identity(self.verifier(), self.provider, self.jwks_timing)

@@ -13,6 +13,9 @@ send invalid UTF-8, bad opcodes or broken fragments):
   Authorization, every token source;
 - tokens: wrong algorithm, `none`, forged, expired, wrong audience, refresh tokens, huge tokens,
   payloads that are not JSON objects, bad headers;
+- identity-provider tokens (a local JWKS server with RS256 and EdDSA keys): `kid` of any
+  shape, `jku` / `x5u` / `x5c` / embedded `jwk` headers (never trusted, whatever they point
+  at), algorithm confusion (HMAC with the public key), wrong issuer or audience;
 - `last_event_id` values.
 
 Each input gets the documented answer (SPEC 4/5, docs/protocol.md): an `error` with its code,
@@ -55,6 +58,15 @@ from pymongo import MongoClient
 from engine.auth import issue_token
 from engine.query import QueryError, compile_query
 from tests.conftest import RunningApp, start_app_server
+from tests.jwks_server import (
+    AUDIENCE,
+    ISSUER,
+    JwksServer,
+    SigningKey,
+    provider_claims,
+    provider_env,
+    sign_raw,
+)
 from tests.support import REPO, TEST_SECRET
 from tests.test_fuzz_query import filters, json_values
 
@@ -311,6 +323,7 @@ class Fuzzing:
     targets: dict[str, str] = field(default_factory=dict)
     log_offset: int = 0
     probes: int = 0
+    jwks: JwksServer | None = None  # the identity provider the engine trusts
 
     @property
     def url(self) -> str:
@@ -350,13 +363,14 @@ def fuzzing(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     manifests.mkdir()
     for slug, manifest in MANIFESTS.items():
         (manifests / f"{slug}.json").write_text(json.dumps(manifest))
-    app = start_app_server(mongo_uri, folder, manifests, **FUZZ_ENV)
+    jwks = JwksServer(list(PROVIDER_KEYS.values())).start()
+    app = start_app_server(mongo_uri, folder, manifests, **FUZZ_ENV, **provider_env(jwks))
     mongo: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     state = None
     try:
         victim = RawClient(app.server.url, f"/alpha/ws?token={token('victim', team='red')}")
         assert victim.recv()["type"] == "connected"
-        state = Fuzzing(app, mongo[app.db_name], folder, victim)
+        state = Fuzzing(app, mongo[app.db_name], folder, victim, jwks=jwks)
         yield state
     finally:
         if state is not None:
@@ -365,6 +379,7 @@ def fuzzing(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 client.close()
         mongo.close()
         app.server.stop()
+        jwks.stop()
 
 
 def engine_tracebacks(log: str) -> list[str]:
@@ -901,7 +916,7 @@ def test_snapshot_with_a_filter_the_driver_cannot_encode(
 param_names = st.one_of(
     st.sampled_from(["x", "last_event_id", "Token", "token[]", "", "a b", "%", "é"]),
     st.text(max_size=6),
-).filter(lambda name: name != "token")
+).filter(lambda name: name not in ("token", "ticket"))
 param_values = st.one_of(
     st.text(max_size=30).map(lambda v: urllib.parse.quote(v, safe="")),
     st.sampled_from(["", "%zz", "%", "+", "=", "%00", "%FF%FE", "a=b"]),
@@ -1140,6 +1155,113 @@ def test_fuzz_handshakes_query_strings_headers_and_tokens(fuzzing: Fuzzing) -> N
         check_handshake(fuzzing, shake)
 
     batch()
+    assert_serving(fuzzing)
+
+
+# -- identity-provider tokens: JWKS headers ---------------------------------------------------
+
+PROVIDER_KEYS = {alg: SigningKey.generate(alg) for alg in ("RS256", "EdDSA")}
+ATTACKER_KEY = SigningKey.generate("RS256")  # published nowhere the engine trusts
+key_headers = st.sampled_from(["jku", "x5u", "x5c", "jwk"])
+odd_kids = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", "../../etc/passwd", "http://127.0.0.1:9/jwks", "*", "null", "%00"]),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=5), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+    st.just("k" * 3000),
+)
+
+
+@st.composite
+def provider_tokens(draw: st.DrawFn) -> tuple[str, str | None, str | None]:
+    """(token, user it names if valid, close reason if refused), for JWKS-verified tokens."""
+    user = draw(subjects)
+    claims = {**provider_claims(user), **draw(extra_claims)}
+    key = PROVIDER_KEYS[draw(st.sampled_from(sorted(PROVIDER_KEYS)))]
+    kind = draw(
+        st.sampled_from(
+            [
+                "valid",
+                "odd_kid",
+                "other_keys_kid",
+                "key_header",
+                "key_header_on_valid",
+                "embedded_jwk_of_the_real_key",
+                "hmac_with_public_key",
+                "attacker_with_known_kid",
+                "wrong_issuer",
+                "wrong_audience",
+                "alg_not_allowed",
+                "expired",
+            ]
+        )
+    )
+    invalid = "invalid token"
+    header: dict[str, Any] = {"alg": key.alg, "typ": "JWT", "kid": key.kid}
+    if kind == "valid":
+        return sign_raw(key, header, claims), user, None
+    if kind == "odd_kid":
+        kid = draw(odd_kids)
+        if kid is None:
+            del header["kid"]  # two keys published: a token without `kid` names none
+        else:
+            header["kid"] = kid
+        return sign_raw(key, header, claims), None, invalid
+    if kind == "other_keys_kid":
+        other = next(k for k in PROVIDER_KEYS.values() if k is not key)
+        return sign_raw(key, {**header, "kid": other.kid}, claims), None, invalid
+    if kind in ("key_header", "key_header_on_valid"):
+        signer = ATTACKER_KEY if kind == "key_header" else key
+        name = draw(key_headers)
+        value = {
+            "jku": draw(st.sampled_from(["http://127.0.0.1:9/jwks", "https://evil.test/jwks"])),
+            "x5u": "http://127.0.0.1:9/cert.pem",
+            "x5c": ["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"],
+            "jwk": signer.public_jwk(),
+        }[name]
+        kid = signer.kid if kind == "key_header" and draw(st.booleans()) else key.kid
+        signed = sign_raw(signer, {**header, "alg": signer.alg, "kid": kid, name: value}, claims)
+        return signed, None, invalid
+    if kind == "embedded_jwk_of_the_real_key":
+        return sign_raw(key, {**header, "jwk": key.public_jwk()}, claims), None, invalid
+    if kind == "hmac_with_public_key":
+        secret = draw(st.sampled_from([key.public_pem(), json.dumps(key.public_jwk()).encode()]))
+        alg_header = {**header, "alg": draw(st.sampled_from(["HS256", key.alg]))}
+        signing_input = (
+            f"{_b64(json.dumps(alg_header).encode())}.{_b64(json.dumps(claims).encode())}"
+        )
+        signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+        return f"{signing_input}.{_b64(signature)}", None, invalid
+    if kind == "attacker_with_known_kid":
+        return sign_raw(ATTACKER_KEY, {**header, "alg": "RS256"}, claims), None, invalid
+    if kind == "wrong_issuer":
+        iss = draw(st.sampled_from(["https://evil.test/", ISSUER.rstrip("/"), "", 5]))
+        return sign_raw(key, header, {**claims, "iss": iss}), None, invalid
+    if kind == "wrong_audience":
+        aud = draw(st.sampled_from(["alpha", "other-api", [], [AUDIENCE.upper()], 5]))
+        return sign_raw(key, header, {**claims, "aud": aud}), None, invalid
+    if kind == "alg_not_allowed":
+        other_alg = "PS256" if key.alg == "RS256" else "ES256"
+        return sign_raw(key, {**header, "alg": other_alg}, claims), None, invalid
+    expired = {**claims, "exp": int(time.time()) - draw(st.integers(5, 10**6))}
+    return sign_raw(key, header, expired), None, "token expired"
+
+
+def test_fuzz_handshakes_with_provider_tokens_and_jwks_headers(fuzzing: Fuzzing) -> None:
+    assert fuzzing.jwks is not None
+    before, started = fuzzing.jwks.requests, time.monotonic()
+
+    @settings(FUZZ, max_examples=250)
+    @given(shake=handshakes(provider_tokens()))
+    def batch(shake: Handshake) -> None:
+        check_handshake(fuzzing, shake)
+
+    batch()
+    # Unknown `kid`s refetch the key set at most once per MDB_REALTIME_JWKS_MIN_REFETCH_SECONDS.
+    fetched = fuzzing.jwks.requests - before
+    assert fetched <= (time.monotonic() - started) / 1.0 + 1, fetched
     assert_serving(fuzzing)
 
 

@@ -11,9 +11,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.auth import AuthError
 from engine.endpoint import Endpoint, EndpointSettings, authenticate
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
+from engine.identity.providers import AppIdentity, Identity
+from engine.identity.tokens import AuthError
 from engine.protocol import CloseCode
 from engine.realtime import MessageHandler, default_realtime
 from engine.settings import EngineSettings
@@ -66,9 +67,9 @@ async def authenticate_websocket(
     """
     settings = EndpointSettings(app_slug=app_slug, name="", path="", require_auth=require_auth)
     try:
-        principal = authenticate(
+        principal = await authenticate(
             settings,
-            EngineSettings.from_env().verifier(),
+            _shared_identity(EngineSettings.from_env()).for_app(app_slug),
             websocket.query_params,
             websocket.headers,
         )
@@ -90,6 +91,8 @@ def create_websocket_endpoint(
     if handler is not None:
         state.register_handler(app_slug, endpoint_name, handler)
     env_settings = EngineSettings.from_env()
+    # Built once, on first use: the secret may be generated in the data folder then.
+    identity = _LazyIdentity(env_settings, app_slug)
     endpoint = Endpoint(
         EndpointSettings(
             app_slug=app_slug,
@@ -101,6 +104,33 @@ def create_websocket_endpoint(
             queue_limits=env_settings.queue_limits,
         ),
         state,
-        env_settings.verifier,
+        identity,
     )
     return endpoint.__call__
+
+
+class _LazyIdentity:
+    """The app's identity from the environment, built when the first connection comes."""
+
+    def __init__(self, settings: EngineSettings, app_slug: str) -> None:
+        self._settings = settings
+        self._app_slug = app_slug
+        self._built: AppIdentity | None = None
+
+    def __call__(self) -> AppIdentity:
+        if self._built is None:
+            self._built = _shared_identity(self._settings).for_app(self._app_slug)
+        return self._built
+
+
+_IDENTITIES: dict[tuple[object, ...], Identity] = {}
+
+
+def _shared_identity(settings: EngineSettings) -> Identity:
+    """One Identity per configuration in this process, so the functions above share one key
+    cache per JWKS URL (and its refetch limit) instead of fetching per handshake."""
+    key = (settings.jwt_secret, settings.data_dir, settings.jwt_algorithms, settings.provider)
+    identity = _IDENTITIES.get(key)
+    if identity is None:
+        identity = _IDENTITIES[key] = settings.identity()
+    return identity

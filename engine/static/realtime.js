@@ -13,6 +13,10 @@
 
 const POLICY_VIOLATION = 1008; // the server refused the token
 const TOKEN_EXPIRED = "token expired";
+// Refusals a fresh token (or ticket) from getToken can cure: the client reconnects.
+const RENEWABLE = new Set([TOKEN_EXPIRED, "identity changed", "invalid ticket"]);
+const REFRESH_MARGIN_MS = 60000; // refresh this long before expiry (less for short tokens)
+const RETRY_MS = 5000; // after a refused refresh, try again this soon (if time is left)
 const UPSERT = new Set(["insert", "update", "replace"]);
 
 /** A Map key for a JSON `_id`; the prefixes keep "1", 1 and true apart. */
@@ -92,16 +96,27 @@ export class RealtimeClient {
    * @param {object} options
    *   token: a string, or a function returning a string or a Promise of one (called at each
    *          connect, so an expired token can be replaced);
+   *   getToken: a function returning a token or a Promise of one, used instead of `token`:
+   *          called on each connect and before the token expires, when the fresh token is
+   *          handed over on the open connection (`{"type": "auth"}`) without reconnecting;
+   *   useTicket: trade the token for a single-use ticket (`POST /<slug>/ticket`) on each
+   *          connect, so the token never appears in a URL;
    *   lastEventId: resume from this position on the first connect;
    *   backoff: {initialMs, maxMs, factor, jitter}.
    */
-  constructor(url, { token = null, lastEventId = null, backoff = {} } = {}) {
+  constructor(
+    url,
+    { token = null, getToken = null, useTicket = false, lastEventId = null, backoff = {} } = {},
+  ) {
     this.url = absoluteWebSocketUrl(url);
     this.view = new LocalView(lastEventId);
     this.state = "idle"; // idle, connecting, open, waiting (to reconnect), closed
     this.connected = null; // the last `connected` message
     this.failure = null; // {code, reason} once the client stopped for good
-    this._token = token;
+    this._token = getToken ?? token;
+    this._useTicket = useTicket;
+    this._refreshes = typeof getToken === "function"; // a `token` function is read on connect only
+    this._identity = new TokenRenewal((message) => this.send(message));
     this._backoff = backoff;
     this._subscriptions = new Map();
     this._callbacks = new Map();
@@ -142,6 +157,7 @@ export class RealtimeClient {
     this._closing = true;
     clearTimeout(this._timer);
     this._timer = null;
+    this._identity.stop();
     if (this._socket) this._socket.close(1000, "client closed");
     this.#setState("closed");
   }
@@ -179,7 +195,20 @@ export class RealtimeClient {
     }
     if (this._closing) return;
     const url = new URL(this.url);
-    if (token) url.searchParams.set("token", token);
+    url.searchParams.delete("ticket");
+    if (token && this._useTicket) {
+      try {
+        url.searchParams.set("ticket", await fetchTicket(this.url, token));
+      } catch (error) {
+        this.#emit("error", { type: "error", code: "ticket", message: String(error) });
+        this.#scheduleReconnect();
+        return;
+      }
+      if (this._closing) return;
+    } else if (token) {
+      url.searchParams.set("token", token);
+    }
+    this._identity.connectingWith(this._refreshes ? this._token : null, token);
     if (this.view.lastEventId !== null) url.searchParams.set("last_event_id", this.view.lastEventId);
     const socket = new WebSocket(url);
     this._socket = socket;
@@ -190,8 +219,9 @@ export class RealtimeClient {
   #closed(socket, code, reason) {
     if (this._socket !== socket) return;
     this._socket = null;
+    this._identity.stop();
     if (this._closing) return;
-    if (code === POLICY_VIOLATION && !(typeof this._token === "function" && reason === TOKEN_EXPIRED)) {
+    if (code === POLICY_VIOLATION && !(typeof this._token === "function" && RENEWABLE.has(reason))) {
       this.failure = { code, reason };
       this.#setState("closed");
       this.#emit("closed", { type: "closed", code, reason });
@@ -224,6 +254,9 @@ export class RealtimeClient {
       socket.send('{"type":"pong"}');
     } else if (message.type === "connected") {
       this.#opened(socket, message);
+      this._identity.opened();
+    } else if (message.type === "auth_ok" || message.type === "error") {
+      this._identity.answered(message);
     } else if (message.type === "resync_required") {
       this.#resubscribe(socket, true);
     } else {
@@ -266,6 +299,98 @@ export class RealtimeClient {
         console.error(`realtime callback for ${kind} failed`, error);
       }
     }
+  }
+}
+
+/** The token's `exp` in ms as the client reads it (the server checks the signature). */
+export function tokenExpiry(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "="))).exp;
+    return typeof exp === "number" ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+/** `ws(s)://host/<slug>/...` -> `http(s)://host/<slug>/ticket`. */
+export function ticketUrl(webSocketUrl) {
+  const url = new URL(webSocketUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = `/${url.pathname.split("/")[1]}/ticket`;
+  url.search = "";
+  return url.toString();
+}
+
+async function fetchTicket(webSocketUrl, token) {
+  const response = await fetch(ticketUrl(webSocketUrl), {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}` },
+  });
+  if (!response.ok) throw new Error(`ticket refused (${response.status})`);
+  return (await response.json()).ticket;
+}
+
+/** Refreshes the open connection's token before it expires (`{"type": "auth"}`). */
+class TokenRenewal {
+  constructor(send) {
+    this._send = send;
+    this._getToken = null;
+    this._token = null;
+    this._timer = null;
+    this._expiresAt = null;
+    this._waitingFor = null;
+    this._count = 0;
+  }
+
+  connectingWith(getToken, token) {
+    this._getToken = getToken;
+    this._token = token;
+  }
+
+  opened() {
+    if (this._getToken && this._token) this.#schedule(tokenExpiry(this._token));
+  }
+
+  answered(message) {
+    if (this._waitingFor === null) return;
+    if (message.type === "auth_ok" && message.id === this._waitingFor) {
+      this._waitingFor = null;
+      this.#schedule(Date.parse(message.expires_at));
+    } else if (message.type === "error" && message.ref === this._waitingFor) {
+      this._waitingFor = null;
+      if (this._expiresAt - Date.now() > RETRY_MS) this.#refreshIn(RETRY_MS);
+    }
+  }
+
+  stop() {
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._waitingFor = null;
+  }
+
+  #schedule(expiresAt) {
+    this.stop();
+    if (!expiresAt || Number.isNaN(expiresAt)) return;
+    this._expiresAt = expiresAt;
+    const remaining = expiresAt - Date.now();
+    this.#refreshIn(Math.max(0, remaining - Math.min(REFRESH_MARGIN_MS, remaining / 5)));
+  }
+
+  #refreshIn(delay) {
+    clearTimeout(this._timer);
+    this._timer = setTimeout(async () => {
+      this._timer = null;
+      let token;
+      try {
+        token = await this._getToken();
+      } catch (error) {
+        console.error("the token source failed; the connection closes at expiry", error);
+        return;
+      }
+      this._waitingFor = `auth-${++this._count}`;
+      this._send({ type: "auth", id: this._waitingFor, token });
+    }, delay);
   }
 }
 

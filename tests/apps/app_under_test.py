@@ -18,6 +18,7 @@ from engine import (
     MongoDBEngine,
     WebSocketConnection,
     broadcast_to_app,
+    create_websocket_endpoint,
     get_websocket_manager,
     register_message_handler,
 )
@@ -52,6 +53,11 @@ def build() -> FastAPI:
     app = engine.create_app(Path(os.environ["TEST_MANIFESTS"]))
     # Registered after the routes: handlers are looked up per message.
     register_message_handler("alpha", "events", whoami)
+
+    # mdb-engine's own way of mounting an endpoint, beside the manifest's.
+    app.router.add_websocket_route(
+        "/_test/compat", create_websocket_endpoint("alpha", "/_test/compat", "compat")
+    )
 
     @app.post("/_test/broadcast")
     async def broadcast(body: dict[str, Any]) -> dict[str, int]:
