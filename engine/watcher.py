@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -25,6 +25,7 @@ INITIAL_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
 OPEN_TIMEOUT_SECONDS = 15.0
 MAX_AWAIT_MS = 500  # how long one empty poll waits for events; bounds reopen latency
+PREFETCH_EVENTS = 1000  # changes read ahead of routing at most
 # Server answers that mean "this resume position cannot be used any more".
 _POSITION_LOST_CODES = frozenset({260, 280, 286})
 
@@ -52,6 +53,30 @@ def stream_options(resume_token: Mapping[str, Any] | None, start_after: bool) ->
     if resume_token is not None:
         options["start_after" if start_after else "resume_after"] = resume_token
     return options
+
+
+class _Fetched(NamedTuple):
+    """One read of the stream: a change and its position, a position alone (caught up), or
+    the error that ended the reading."""
+
+    raw: Mapping[str, Any] | None
+    token: Mapping[str, Any] | None
+    error: BaseException | None = None
+
+
+async def _read(stream: Any, fetched: asyncio.Queue[_Fetched]) -> None:
+    """Read the stream ahead of routing, into a bounded queue, in order."""
+    try:
+        while True:
+            raw = await stream.try_next()
+            if raw is None:
+                await fetched.put(_Fetched(None, stream.resume_token))
+            else:
+                await fetched.put(_Fetched(raw, raw.get("_id")))
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        await fetched.put(_Fetched(None, None, error))
 
 
 class Watcher:
@@ -144,15 +169,27 @@ class Watcher:
                 self.resume_token = stream.resume_token  # resume from here, not from "now"
             self.last_error = None
             self._open.set()
-            while not self._restart.is_set():
-                raw = await stream.try_next()
-                if raw is None:
-                    if stream.resume_token is not None:
-                        self.resume_token = stream.resume_token
-                    continue
-                if not self._handle(raw):
-                    return
-                self.resume_token = stream.resume_token
+            # The next batch is asked for while this one is routed, so routing and the
+            # database's work overlap instead of adding up.
+            fetched: asyncio.Queue[_Fetched] = asyncio.Queue(PREFETCH_EVENTS)
+            reader = asyncio.create_task(_read(stream, fetched), name=f"reader-{self.database}")
+            try:
+                await self._route_fetched(fetched)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, PyMongoError):
+                    await reader
+
+    async def _route_fetched(self, fetched: asyncio.Queue[_Fetched]) -> None:
+        while not self._restart.is_set():
+            raw, token, error = await fetched.get()
+            if error is not None:
+                raise error
+            if raw is not None and not self._handle(raw):
+                return
+            if token is not None:
+                self.resume_token = token
+            if raw is not None:
                 # Let socket writers run between events: a burst (insert_many) is then paced
                 # to the readers instead of landing in their queues all at once.
                 await asyncio.sleep(0)
