@@ -13,22 +13,12 @@ from engine.delivery.view import Binding, Decision
 class BruteForceRouter(Router):
     def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
         frames: dict[Decision, str] = {}
-        queued = 0
         members = self._members.get(binding.app_slug)
+        queued = 0
         for connection in members.all() if members is not None else []:
             view = connection.views.get(binding.collection)
-            if connection.endpoint != binding.endpoint or view is None or connection.closing:
-                continue
-            if connection.pending is not None:
-                continue  # held by Router._hold_event
-            decision = view.decide(event)
-            if decision is None:
-                continue
-            frame = frames.get(decision)
-            if frame is None:
-                frame = frames[decision] = self._encode(event, binding, decision)
-            if connection.send(frame):
-                queued += 1
+            if connection.endpoint == binding.endpoint and view is not None:
+                queued += self._deliver(view, event, frames)
         return queued
 
     def _route_broadcast(self, event: ChangeEvent) -> int:

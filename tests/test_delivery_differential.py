@@ -24,7 +24,7 @@ from engine.changes import ChangeEvent, cluster_time_iso
 from engine.delivery.router import Router
 from engine.manifest import parse_manifest
 from tests.brute_force_router import BruteForceRouter
-from tests.test_core_router import RecordingConnection
+from tests.test_core_router import RecordingConnection, connect
 
 Doc = dict[str, Any]
 
@@ -205,19 +205,10 @@ class World:
         self.state: dict[str, dict[int, Doc]] = {"items": {}, "notes": {}}
 
     def connect(self, principal: Principal, endpoint: str) -> Pair:
-        def make(router: Router) -> RecordingConnection:
-            connection = RecordingConnection(
-                websocket=object(),
-                app_slug="app",
-                user_id=principal.user_id,
-                user_email=principal.email,
-                endpoint=endpoint,
-                principal=principal,
-            )
-            router.attach(connection)
-            return connection
-
-        pair = Pair(make(self.indexed), make(self.reference))
+        pair = Pair(
+            connect(self.indexed, principal, app_slug="app", endpoint=endpoint),
+            connect(self.reference, principal, app_slug="app", endpoint=endpoint),
+        )
         self.pairs.append(pair)
         return pair
 

@@ -199,18 +199,21 @@ class Router:
         if index.everyone:
             queued += self._send_to_group(event, binding, index.everyone, frames)
         for view in index.candidates(event):
-            connection = view.owner
-            if connection is None or connection.closing or connection.pending is not None:
-                continue
-            decision = view.decide(event)
-            if decision is None:
-                continue
-            frame = frames.get(decision)
-            if frame is None:
-                frame = frames[decision] = self._encode(event, binding, decision)
-            if connection.send(frame):
-                queued += 1
+            queued += self._deliver(view, event, frames)
         return queued
+
+    def _deliver(self, view: View, event: ChangeEvent, frames: dict[Decision, str]) -> int:
+        """Let one view decide and queue its frame (shared by equal decisions); 1 if queued."""
+        connection = view.owner
+        if connection is None or connection.closing or connection.pending is not None:
+            return 0
+        decision = view.decide(event)
+        if decision is None:
+            return 0
+        frame = frames.get(decision)
+        if frame is None:
+            frame = frames[decision] = self._encode(event, view.binding, decision)
+        return 1 if connection.send(frame) else 0
 
     def _send_to_group(
         self,
