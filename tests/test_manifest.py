@@ -122,7 +122,7 @@ def test_to_document_fills_every_default() -> None:
             "rt": {
                 "path": "/ws",
                 "description": None,
-                "auth": {"required": True, "allow_anonymous": False},
+                "auth": {"required": True, "allow_anonymous": False, "csrf_required": False},
                 "ping_interval": 30,
                 "watch": {
                     "todos": {
@@ -132,6 +132,7 @@ def test_to_document_fills_every_default() -> None:
                         "scope": None,
                     }
                 },
+                "ticket_ttl_seconds": None,
             }
         },
         "data": {"database": None, "collection_prefix": None},
@@ -341,7 +342,7 @@ def test_endpoint_name_given_must_equal_its_key() -> None:
         (app(pingInterval=10), f"{EP}.pingInterval", "did you mean 'ping_interval'?"),
         (app(paths="/x"), f"{EP}.paths", "did you mean 'path'?"),
         (app(auth={"requird": True}), f"{EP}.auth.requird", "did you mean 'required'?"),
-        (app(auth={"roles": []}), f"{EP}.auth.roles", "allow_anonymous, required"),
+        (app(auth={"roles": []}), f"{EP}.auth.roles", "allow_anonymous, csrf_required, required"),
         (binding(filters={}), f"{EP}.watch.t.filters", "did you mean 'filter'?"),
         (binding(projection=[]), f"{EP}.watch.t.projection", "fields, filter, operations"),
         ({**app(), "data": {"prefix": "x_"}}, "data.prefix", "collection_prefix, database"),
@@ -747,7 +748,7 @@ def test_validate_reports_one_line_per_problem(
     assert capsys.readouterr().out.splitlines() == [
         f"{bad}: {EP}.ping_interval: must be between 5 and 300 seconds, got 2",
         f"{bad}: {EP}.foo: unknown key; expected one of: auth, description, path, "
-        "ping_interval, watch",
+        "ping_interval, ticket_ttl_seconds, watch",
         f"{broken}: $: invalid JSON at line 1 column 14: Expecting property name enclosed "
         "in double quotes",
     ]

@@ -6,12 +6,13 @@ of the process adopts; handlers may be registered before or after any engine exi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.auth import AuthError
+from engine.auth import AuthError, TokenVerifier
 from engine.endpoint import Endpoint, EndpointSettings, authenticate
 from engine.hub import WebSocketConnection, WebSocketConnectionManager
 from engine.protocol import CloseCode
@@ -66,15 +67,19 @@ async def authenticate_websocket(
     """
     settings = EndpointSettings(app_slug=app_slug, name="", path="", require_auth=require_auth)
     try:
-        principal = authenticate(
-            settings,
-            EngineSettings.from_env().verifier(),
-            websocket.query_params,
-            websocket.headers,
-        )
+        principal = authenticate(settings, _verifier(), websocket.query_params, websocket.headers)
     except AuthError as refused:
         raise WebSocketDisconnect(CloseCode.POLICY_VIOLATION, str(refused.reason)) from None
     return principal.user_id, principal.email
+
+
+def _verifier() -> TokenVerifier:
+    """The engine's token verifier, or one built from the environment before any engine."""
+    owner = default_realtime().owner
+    if owner is not None:
+        verifier: TokenVerifier = owner.verifier
+        return verifier
+    return EngineSettings.from_env().verifier()
 
 
 def create_websocket_endpoint(
@@ -85,22 +90,32 @@ def create_websocket_endpoint(
     require_auth: bool = True,
     ping_interval: int = 30,
 ) -> Callable[[WebSocket], Awaitable[None]]:
-    """A route handler for one endpoint, to mount with `app.add_websocket_route(path, ...)`."""
-    state = default_realtime()
+    """A route handler for one endpoint, to mount with `app.add_api_websocket_route(path, ...)`.
+
+    It is built at its first connection, from the engine of the process when there is one
+    (its settings, subscriptions, resumes and the manifest's bindings of this endpoint name),
+    else from the environment's settings (`EngineSettings.from_env`), as `serve` reads them.
+    """
     if handler is not None:
-        state.register_handler(app_slug, endpoint_name, handler)
-    env_settings = EngineSettings.from_env()
-    endpoint = Endpoint(
-        EndpointSettings(
-            app_slug=app_slug,
-            name=endpoint_name,
-            path=path,
-            require_auth=require_auth,
-            ping_interval=ping_interval,
-            max_message_bytes=env_settings.max_message_bytes,
-            queue_limits=env_settings.queue_limits,
-        ),
-        state,
-        env_settings.verifier,
-    )
-    return endpoint.__call__
+        default_realtime().register_handler(app_slug, endpoint_name, handler)
+    built: list[Endpoint] = []
+
+    def build() -> Endpoint:
+        state = default_realtime()
+        owner = state.owner
+        settings = owner.settings if owner is not None else EngineSettings.from_env()
+        endpoint_settings = settings.endpoint(
+            app_slug, endpoint_name, path, require_auth=require_auth, ping_interval=ping_interval
+        )
+        if owner is not None:
+            endpoint: Endpoint = owner.websocket_endpoint(endpoint_settings)
+            return endpoint
+        verifier = functools.cache(settings.verifier)  # the secret is resolved once
+        return Endpoint(endpoint_settings, state, verifier)
+
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        if not built:
+            built.append(build())
+        await built[0](websocket)
+
+    return websocket_endpoint
