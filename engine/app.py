@@ -150,7 +150,10 @@ class MongoDBEngine:
 
     def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:
         """Register an app (synchronous form of `register_app`)."""
-        parsed = manifest if isinstance(manifest, Manifest) else parse_manifest(dict(manifest))
+        if isinstance(manifest, Manifest):
+            parsed = manifest
+        else:
+            parsed = parse_manifest(dict(manifest), f"manifest of app {manifest.get('slug')!r}")
         if parsed.slug in self._apps:
             raise RegistrationError(f"app {parsed.slug!r} is already registered")
         for other in self._apps.values():

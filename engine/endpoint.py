@@ -17,7 +17,12 @@ from engine.hub import QueueLimits, WebSocketConnection
 from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
-from engine.server_protocols import decline_compression, find_server_protocol, transport_abort
+from engine.server_protocols import (
+    decline_compression,
+    find_server_protocol,
+    handshake_written,
+    transport_abort,
+)
 from engine.stats import EndpointStats
 from engine.transport import scope_abort
 
@@ -128,6 +133,7 @@ class Endpoint:
         server_protocol = find_server_protocol(websocket)
         decline_compression(server_protocol)  # shared frames need uncompressed sockets
         await websocket.accept()
+        await handshake_written(server_protocol)
         address = websocket.client.host if websocket.client else "unknown"
         refusal = self._over_connection_limits(principal, address)
         if refusal is not None:

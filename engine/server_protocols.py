@@ -9,7 +9,8 @@ connection, which differ per implementation:
   are bound methods of the protocol, possibly wrapped in closures by middleware;
 - declining per-message compression before the handshake is answered: a compressed socket
   needs its own bytes per frame, so the engine's endpoints never negotiate it;
-- after the handshake, its transport and, where it has one, its write-readiness flag.
+- after the handshake (which the legacy implementation writes in a task of its own after
+  `accept` returns), its transport and, where it has one, its write-readiness flag.
 
 Supported: uvicorn's `websockets-sansio` (uvicorn's default, and the engine's own
 `engine.wsprotocol.EngineWebSocketProtocol`), `websockets` (legacy) and `wsproto`. Any other
@@ -111,6 +112,16 @@ def decline_compression(protocol: Any) -> None:
         config = copy.copy(protocol.config)
         config.ws_per_message_deflate = False
         protocol.config = config
+
+
+async def handshake_written(protocol: Any) -> None:
+    """Wait until the handshake response is on the wire (call after `accept`).
+
+    The legacy implementation answers the handshake in its own task after `accept` returns;
+    frames written to the transport before that would precede the response.
+    """
+    if implementation_of(protocol) is Implementation.WEBSOCKETS_LEGACY:
+        await protocol.handshake_completed_event.wait()
 
 
 @dataclass(frozen=True, slots=True)
