@@ -29,7 +29,7 @@ def server_with(
 async def test_messages_flow_on_every_server_implementation(
     server_with: tuple[str, RunningApp],
 ) -> None:
-    implementation, app = server_with
+    _implementation, app = server_with
     token = issue_token(TEST_SECRET, app_slug="alpha", user_id="u")
     async with await connect(app.server.ws_url("/alpha/ws", token=token)) as ws:
         assert (await receive_json(ws))["type"] == "connected"

@@ -49,6 +49,26 @@ class TracingMiddleware:
         await self.app(scope, traced_receive, traced_send)
 
 
+class _Channel:
+    """A callable object standing in for `receive` or `send`: nothing leads back to the server."""
+
+    def __init__(self, inner: Any) -> None:
+        self._call = inner
+
+    async def __call__(self, *args: Any) -> Any:
+        return await self._call(*args)
+
+
+class OpaqueMiddleware:
+    """Hides the server's protocol from the app, as a server unknown to the engine would."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, _Channel(receive), _Channel(send))
+
+
 async def echo(websocket: WebSocket, message: dict[str, Any]) -> None:
     manager = await get_websocket_manager("beta")
     await manager.send_to_connection(websocket, {"type": "echo", "received": message})
@@ -72,6 +92,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(lifespan=lifespan)
 app.add_middleware(TracingMiddleware)
+if os.environ.get("TEST_OPAQUE_MIDDLEWARE"):
+    app.add_middleware(OpaqueMiddleware)
 
 
 @app.middleware("http")
