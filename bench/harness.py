@@ -553,7 +553,7 @@ def database(workdir: Path, needed: bool) -> Iterator[str]:
 
 
 def needs_database(names: Sequence[str]) -> bool:
-    return any(name.startswith("engine") for name in names)
+    return any(name.startswith("engine") or name in USER_APP_TARGETS for name in names)
 
 
 # -- numbers and output -------------------------------------------------------------------------

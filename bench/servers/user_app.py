@@ -13,6 +13,7 @@ POST /_bench/broadcast?count=M&size=S&interval=I calls `broadcast_to_app` M time
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,6 +79,7 @@ def _engine_lifespan(
     return lifespan
 
 
+@functools.cache  # one engine per process: uvicorn may look the app up more than once
 def build_routes_app() -> FastAPI:
     engine = MongoDBEngine()
     return _user_app(
@@ -85,6 +87,7 @@ def build_routes_app() -> FastAPI:
     )
 
 
+@functools.cache
 def build_endpoint_app() -> FastAPI:
     engine = MongoDBEngine()
     app = _user_app(_engine_lifespan(engine, None))
