@@ -154,3 +154,14 @@ def test_mdb_engine_environment_variables_come_after_the_engines_own(tmp_path: P
     assert mongo_uri_from_env({"MONGODB_URI": "a", "MDB_MONGO_URI": "b"}) == "a"
     assert mongo_uri_from_env({"MONGODB_URI": "", "MDB_MONGO_URI": "b"}) == "b"
     assert mongo_uri_from_env({}) is None
+
+
+def test_engine_routing_exports_the_mdb_engine_names() -> None:
+    import engine.routing
+    import engine.routing.websockets as websockets_module
+    from engine.routing import broadcast_to_app, create_websocket_endpoint
+
+    assert broadcast_to_app is websockets_module.broadcast_to_app
+    assert create_websocket_endpoint is websockets_module.create_websocket_endpoint
+    for name in websockets_module.__all__:
+        assert getattr(engine.routing, name) is getattr(websockets_module, name)
