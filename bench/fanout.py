@@ -8,10 +8,15 @@ drift on a noisy machine hits all targets alike) gets N fresh connections and tw
 - latency: paced broadcasts (--latency-rate per second, capped so that N x rate stays light);
   each message carries the time it was due, and sampled clients record when it arrived.
 
-Ratios are taken within a round (target / engine) before the median, so they cancel the
-machine's drift. Results go to bench/results/fanout-<time>.json.
+Ratios are taken within a round (target / reference, `--references`, default the engine)
+before the median, so they cancel the machine's drift. Results go to
+bench/results/fanout-<time>.json.
 
-Run: python -m bench.fanout [--clients 100,1000,5000] [--targets ...] [--profile 10]
+Run: python -m bench.fanout [--clients 100,1000,5000] [--targets ...] [--references ...]
+     [--profile 10]
+The user-app targets (bench/servers/user_app.py) are a user's own FastAPI app mounting the
+engine with `register_websocket_routes` or `create_websocket_endpoint`, run by plain uvicorn;
+`engine-cli` is `mdb-realtime serve`, broadcast to by `POST /bench/broadcast` per message.
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-native", action="store_true", help="include C frames in the profile"
+    )
+    parser.add_argument(
+        "--references",
+        default="engine",
+        help="targets the others are compared with, within each round (%(default)s)",
     )
     harness.add_target_arguments(parser, DEFAULT_TARGETS)
     return parser.parse_args(argv)
@@ -246,29 +256,37 @@ async def profile_target(
         await server.wait_connections(0)
 
 
-def summarize(trials: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """Medians per (N, target), and ratios to the engine taken within each round first."""
+def summarize(
+    trials: list[dict[str, Any]], names: list[str], references: list[str]
+) -> list[dict[str, Any]]:
+    """Medians per (N, target), and ratios to each reference taken within each round first."""
     by_key: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
     for trial in trials:
         by_key[(trial["clients"], trial["target"])].append(trial)
     rows = []
     for n in sorted({t["clients"] for t in trials}):
-        engine_rounds = {t["round"]: t for t in by_key.get((n, "engine"), [])}
+        reference_rounds = {
+            reference: {t["round"]: t for t in by_key.get((n, reference), [])}
+            for reference in references
+        }
         for name in names:
             runs = by_key.get((n, name), [])
             if runs:
-                rows.append(_summary_row(n, name, runs, engine_rounds))
+                rows.append(_summary_row(n, name, runs, reference_rounds))
     return rows
 
 
 def _summary_row(
-    n: int, name: str, runs: list[dict[str, Any]], engine_rounds: dict[int, dict[str, Any]]
+    n: int,
+    name: str,
+    runs: list[dict[str, Any]],
+    reference_rounds: dict[str, dict[int, dict[str, Any]]],
 ) -> dict[str, Any]:
-    def ratios(metric: str) -> list[float]:
+    def ratios(metric: str, rounds: dict[int, dict[str, Any]]) -> list[float]:
         return [
-            r["throughput"][metric] / engine_rounds[r["round"]]["throughput"][metric]
+            r["throughput"][metric] / rounds[r["round"]]["throughput"][metric]
             for r in runs
-            if r["round"] in engine_rounds
+            if r["round"] in rounds
         ]
 
     latencies = [value for r in runs for value in r["latency"]["latencies_ms"]]
@@ -277,9 +295,14 @@ def _summary_row(
         "clients": n,
         "target": name,
         "msgs_per_s": harness.median([t["msgs_per_s"] for t in throughput]),
-        "throughput_vs_engine": harness.median(ratios("msgs_per_s")),
         "cpu_us_per_msg": harness.median([t["cpu_us_per_msg"] for t in throughput]),
-        "cpu_vs_engine": harness.median(ratios("cpu_us_per_msg")),
+        "versus": {
+            reference: {
+                "msgs_per_s": harness.median(ratios("msgs_per_s", rounds)),
+                "cpu_us_per_msg": harness.median(ratios("cpu_us_per_msg", rounds)),
+            }
+            for reference, rounds in reference_rounds.items()
+        },
         "delivered_pct": 100
         * sum(t["delivered"] for t in throughput)
         / sum(t["expected"] for t in throughput),
@@ -293,15 +316,15 @@ def _summary_row(
     }
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
+def print_summary(rows: list[dict[str, Any]], references: list[str]) -> None:
+    ratio_headers = [header for ref in references for header in (f"x {ref}", f"CPU x {ref}")]
     harness.print_table(
         [
             "N",
             "target",
             "msgs/s",
-            "x engine",
             "CPU us/msg",
-            "x engine",
+            *ratio_headers,
             "delivered %",
             "loadgen CPU %",
             "others %",
@@ -314,9 +337,12 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
                 r["clients"],
                 r["target"],
                 r["msgs_per_s"],
-                r["throughput_vs_engine"],
                 r["cpu_us_per_msg"],
-                r["cpu_vs_engine"],
+                *(
+                    r["versus"][ref][metric]
+                    for ref in references
+                    for metric in ("msgs_per_s", "cpu_us_per_msg")
+                ),
                 r["delivered_pct"],
                 r["loadgen_cpu_pct"],
                 r["others_pct"],
@@ -335,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     with harness.setting(args) as setting:
         targets = harness.select_targets(args.targets, setting)
         results = asyncio.run(run(args, targets, setting.workdir))
-    rows = summarize(results["trials"], [t.name for t in targets])
-    print_summary(rows)
+    references = [name.strip() for name in args.references.split(",") if name.strip()]
+    rows = summarize(results["trials"], [t.name for t in targets], references)
+    print_summary(rows, references)
     for name, profile in results["profiles"].items():
         pyspy.print_summary(name, profile)
     path = harness.write_results(

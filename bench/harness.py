@@ -28,7 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.servers.common import BROADCAST_PATH, COUNT_PATH
+from bench.servers.common import (
+    BROADCAST_PATH,
+    COUNT_PATH,
+    SLUG,
+    BroadcastRequest,
+    run_broadcasts,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -183,12 +189,31 @@ class Setting:
     engine_commit: str
 
 
-TARGET_NAMES = ("engine", "engine-asyncio", "engine-cli", "naive", "websockets", "mdb-engine")
+# A user's own FastAPI app mounting the engine the mdb-engine way, run by plain uvicorn: the
+# module-level app of bench/servers/user_app.py, and uvicorn's --ws (None: its default).
+USER_APP_TARGETS: dict[str, tuple[str, str | None]] = {
+    "user-routes": ("routes_app", None),
+    "user-endpoint": ("endpoint_app", None),
+    "user-routes-engine-ws": ("routes_app", "engine.wsprotocol:EngineWebSocketProtocol"),
+    "user-endpoint-engine-ws": ("endpoint_app", "engine.wsprotocol:EngineWebSocketProtocol"),
+}
+TARGET_NAMES = (
+    "engine",
+    "engine-asyncio",
+    "engine-cli",
+    *USER_APP_TARGETS,
+    "naive",
+    "websockets",
+    "mdb-engine",
+)
+BENCH_SECRET = "bench-secret-that-is-long-enough-for-hs256"
 
 
 def make_target(name: str, setting: Setting) -> Target:
     if name.startswith("engine"):
         return _engine_target(name, setting)
+    if name in USER_APP_TARGETS:
+        return _user_app_target(name, setting)
     python = sys.executable
     if name == "naive":
         return Target(
@@ -243,7 +268,7 @@ def _engine_target(name: str, setting: Setting) -> Target:
             serve_command(manifests, setting.database_uri, env["MDB_REALTIME_DB"]),
             env,
             cwd=setting.engine_dir,
-            has_bench_routes=False,
+            has_bench_routes=False,  # broadcasts by POST /bench/broadcast, one per message
         )
     if name not in ("engine", "engine-asyncio"):
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
@@ -253,6 +278,26 @@ def _engine_target(name: str, setting: Setting) -> Target:
         f"broadcast_to_app in an app on the engine, uvicorn websockets-sansio, {loop}, {where}",
         (python, "-m", "bench.servers.engine_app", "--loop", loop, "--manifests", manifests),
         env,
+        cwd=setting.engine_dir,
+    )
+
+
+def _user_app_target(name: str, setting: Setting) -> Target:
+    app, ws = USER_APP_TARGETS[name]
+    how = {
+        "routes_app": "engine.register_websocket_routes(app, slug)",
+        "endpoint_app": "app.add_api_websocket_route(path, create_websocket_endpoint(...))",
+    }[app]
+    command = [sys.executable, "-m", "uvicorn", f"bench.servers.user_app:{app}", "--port", "0"]
+    if ws is not None:
+        command += ["--ws", ws]
+    server = f"uvicorn --ws {ws}" if ws else "plain uvicorn (its default ws, uvloop)"
+    return Target(
+        name,
+        f"a user's FastAPI app (own route + middleware), {how}, {server}, "
+        f"engine {setting.engine_commit[:10]}",
+        tuple(command),
+        _engine_env(setting.database_uri, setting.workdir),
         cwd=setting.engine_dir,
     )
 
@@ -292,9 +337,7 @@ def _engine_env(database_uri: str, workdir: Path) -> dict[str, str]:
         "MONGODB_URI": database_uri,
         "MDB_REALTIME_DB": _db_name(),
         "MDB_REALTIME_DATA_DIR": str(data_dir),
-        "MDB_REALTIME_JWT_SECRET": "bench-secret-that-is-long-enough-for-hs256",
-        # Every client comes from 127.0.0.1: lift the per-address connection limit (0: none).
-        "MDB_REALTIME_MAX_CONNECTIONS_PER_IP": "0",
+        "MDB_REALTIME_JWT_SECRET": BENCH_SECRET,
     }
 
 
@@ -378,6 +421,10 @@ class Server:
 
     async def request(self, path: str, method: str = "GET", timeout: float = 600) -> Any:
         """A plain HTTP/1.1 request to the server; the JSON body of its answer."""
+        return json.loads(await self.request_body(path, method, timeout))
+
+    async def request_body(self, path: str, method: str = "GET", timeout: float = 600) -> bytes:
+        """A plain HTTP/1.1 request to the server; the body of its answer."""
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
             writer.write(
@@ -392,12 +439,57 @@ class Server:
             raise RuntimeError(f"{self.target.name} {path}: {head[:200]!r}")
         if b"chunked" in head.lower():
             body = _dechunk(body)
-        return json.loads(body)
+        return body
 
     async def broadcast(self, count: int, size: int, interval: float, timeout: float) -> Any:
+        if not self.target.has_bench_routes:
+            request = BroadcastRequest(count, size, interval)
+            return await asyncio.wait_for(self._broadcast_over_http(request), timeout)
         query = f"count={count}&size={size}&interval={interval}"
         return await self.request(
             f"{BROADCAST_PATH}?{query}", self.target.trigger_method, timeout=timeout
+        )
+
+    async def _broadcast_over_http(self, request: BroadcastRequest) -> dict[str, Any]:
+        """`serve` has no bench routes: one `POST /<slug>/broadcast` per message, with a service
+        token, on one kept-alive connection, as an app's back end calls it."""
+        from engine.auth import issue_token
+
+        token = issue_token(
+            BENCH_SECRET, app_slug=SLUG, user_id="bench", claims={"role": "service"}
+        )
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+
+        async def send(message: dict[str, Any]) -> int:
+            body = json.dumps({"message": message}).encode()
+            writer.write(
+                f"POST /{SLUG}/broadcast HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            answer = await reader.readexactly(int(length.group(1))) if length else b""
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{self.target.name} broadcast: {head[:200]!r} {answer[:200]!r}")
+            reached: int = json.loads(answer)["reached"]
+            return reached
+
+        try:
+            return await run_broadcasts(request, send)
+        finally:
+            writer.close()
+
+    async def connection_count(self) -> int:
+        if self.target.has_bench_routes:
+            count: int = (await self.request(COUNT_PATH))["connections"]
+            return count
+        metrics = (await self.request_body("/metrics")).decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in metrics.splitlines()
+            if line.startswith("mdb_realtime_connections{")
         )
 
     async def wait_connections(self, expected: int, timeout: float = 60.0) -> None:
@@ -405,7 +497,7 @@ class Server:
         deadline = time.monotonic() + timeout
         seen = -1
         while time.monotonic() < deadline:
-            seen = (await self.request(COUNT_PATH))["connections"]
+            seen = await self.connection_count()
             if seen == expected:
                 return
             await asyncio.sleep(0.05)
@@ -461,7 +553,7 @@ def database(workdir: Path, needed: bool) -> Iterator[str]:
 
 
 def needs_database(names: Sequence[str]) -> bool:
-    return any(name.startswith("engine") for name in names)
+    return any(name.startswith("engine") or name in USER_APP_TARGETS for name in names)
 
 
 # -- numbers and output -------------------------------------------------------------------------

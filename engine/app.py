@@ -42,7 +42,7 @@ from engine.pages import add_app_page, mount_static, page_of
 from engine.query import placeholders_in
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
-from engine.settings import DEFAULT_DB_NAME, EngineSettings
+from engine.settings import DEFAULT_DB_NAME, EngineSettings, mongo_uri_from_env
 from engine.stats import counting
 from engine.transport import TransportAbortMiddleware
 from engine.watcher import Watcher, enable_pre_images
@@ -67,10 +67,11 @@ class MongoDBEngine:
         *,
         settings: EngineSettings | None = None,
     ) -> None:
-        self.mongo_uri = mongo_uri or os.environ.get("MONGODB_URI")
+        self.mongo_uri = mongo_uri or mongo_uri_from_env()
         self.db_name = db_name or os.environ.get("MDB_REALTIME_DB") or DEFAULT_DB_NAME
         self.settings = settings or EngineSettings.from_env()
         self.realtime: Realtime = claim_realtime()
+        self.realtime.owner = self  # endpoints made by module-level functions use this engine
         self.metrics = EngineMetrics(self.realtime)
         self.router = Router()
         self.router.max_subscriptions = self.settings.client_limits.subscriptions_per_connection
@@ -101,7 +102,7 @@ class MongoDBEngine:
         if self._running:
             return
         if not self.mongo_uri:
-            raise ValueError("no MongoDB URI: pass mongo_uri or set MONGODB_URI")
+            raise ValueError("no MongoDB URI: pass mongo_uri or set MONGODB_URI (or MDB_MONGO_URI)")
         self._client = AsyncMongoClient(self.mongo_uri)
         await self._client.admin.command("ping")
         self.realtime.start()
@@ -163,12 +164,17 @@ class MongoDBEngine:
 
     def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:
         """Register an app (synchronous form of `register_app`)."""
-        parsed = manifest if isinstance(manifest, Manifest) else parse_manifest(dict(manifest))
+        if isinstance(manifest, Manifest):
+            parsed = manifest
+        else:
+            parsed = parse_manifest(dict(manifest), f"manifest of app {manifest.get('slug')!r}")
         if parsed.slug in self._apps:
             raise RegistrationError(f"app {parsed.slug!r} is already registered")
         for other in self._apps.values():
             self._refuse_overlap(parsed, other)
         self._apps[parsed.slug] = parsed
+        for warning in parsed.warnings:
+            logger.warning("%s", warning)
         self.router.add_app(parsed, self.db_name)
         self.realtime.manager(parsed.slug)
         logger.info("registered app %r (%d endpoint(s))", parsed.slug, len(parsed.websockets))
@@ -229,32 +235,37 @@ class MongoDBEngine:
         manifest = self.app_manifest(slug)
         mounted = []
         for name, config in manifest.websockets.items():
-            endpoint = Endpoint(
-                EndpointSettings(
-                    app_slug=slug,
-                    name=name,
-                    path=config.path,
+            endpoint = self.websocket_endpoint(
+                self.settings.endpoint(
+                    slug,
+                    name,
+                    config.path,
                     require_auth=config.auth.required,
                     allow_anonymous=config.auth.allow_anonymous,
                     ping_interval=config.ping_interval,
                     allowed_origins=_allowed_origins(manifest),
-                    max_message_bytes=self.settings.max_message_bytes,
-                    queue_limits=self.settings.queue_limits,
-                    client_limits=self.settings.client_limits,
+                    same_origin=config.auth.csrf_required,
                     identity_placeholders=_scope_placeholders(config),
-                ),
-                self.realtime,
-                lambda: self.app_identity(slug),
-                protocol_handlers=self.router.protocol_handlers(),
-                on_connect=self.recovery.on_connect,
-                on_disconnect=self.router.detach,
-                stats=self.metrics.stats.endpoint(slug, name),
+                )
             )
             route = f"/{slug}{config.path}"
             app.router.add_websocket_route(route, endpoint.__call__, name=f"{slug}:{name}")
             self._websocket_routes[route] = endpoint.__call__
             mounted.append(route)
         return mounted
+
+    def websocket_endpoint(self, settings: EndpointSettings) -> Endpoint:
+        """An endpoint served by this engine: its connections, tokens, subscriptions, resumes
+        and the changes of the manifest's bindings for (app, endpoint name), if any."""
+        return Endpoint(
+            settings,
+            self.realtime,
+            lambda: self.app_identity(settings.app_slug),
+            protocol_handlers=self.router.protocol_handlers(),
+            on_connect=self.recovery.on_connect,
+            on_disconnect=self.router.detach,
+            stats=self.metrics.stats.endpoint(settings.app_slug, settings.name),
+        )
 
     def register_message_handler(self, slug: str, endpoint: str, handler: MessageHandler) -> None:
         self.realtime.register_handler(slug, endpoint, handler)
@@ -382,6 +393,7 @@ def _scope_placeholders(endpoint: WebSocketEndpoint) -> tuple[str, ...]:
 
 
 def _allowed_origins(manifest: Manifest) -> tuple[str, ...] | None:
-    if manifest.cors is None or not manifest.cors.allow_origins:
+    cors = manifest.cors
+    if cors is None or not cors.enabled or not cors.allow_origins:
         return None
     return tuple(manifest.cors.allow_origins)

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from engine.settings import DEFAULT_DB_NAME, EngineSettings
+from engine.settings import DEFAULT_DB_NAME, EngineSettings, mongo_uri_from_env
 from engine.wsprotocol import protocol_for
 
 DEFAULT_MANIFESTS_DIR = "manifests"
@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the apps of a manifests folder")
     serve.add_argument("--manifests", default=DEFAULT_MANIFESTS_DIR, help="manifests folder")
-    serve.add_argument("--mongo-uri", default=None, help="MongoDB URI (default: $MONGODB_URI)")
+    serve.add_argument(
+        "--mongo-uri", default=None, help="MongoDB URI (default: $MONGODB_URI, then $MDB_MONGO_URI)"
+    )
     serve.add_argument("--db", default=None, help=f"database (default: {DEFAULT_DB_NAME})")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -166,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"mdb-realtime: {error}", file=sys.stderr)
         return 2
-    mongo_uri = args.mongo_uri or os.environ.get("MONGODB_URI")
+    mongo_uri = args.mongo_uri or mongo_uri_from_env()
     embedded: EmbeddedDatabase | None = None
     if not mongo_uri:
         embedded = EmbeddedDatabase(settings.data_dir / "data")

@@ -19,8 +19,14 @@ from engine.identity.tokens import ANONYMOUS, AuthError, Principal, extract_tick
 from engine.limits import ClientLimits, MessageRate
 from engine.protocol import CloseCode, CloseReason, ErrorCode
 from engine.realtime import Realtime
+from engine.server_protocols import (
+    decline_compression,
+    find_server_protocol,
+    handshake_written,
+    transport_abort,
+)
 from engine.stats import EndpointStats
-from engine.transport import scope_abort, scope_protocol
+from engine.transport import scope_abort
 
 logger = logging.getLogger("engine.endpoint")
 
@@ -38,7 +44,8 @@ class EndpointSettings:
     require_auth: bool = True
     allow_anonymous: bool = False
     ping_interval: int = 30
-    allowed_origins: tuple[str, ...] | None = None  # None: any Origin
+    allowed_origins: tuple[str, ...] | None = None  # None: any Origin (see same_origin)
+    same_origin: bool = False  # without allowed_origins, browsers only from this host
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
     client_limits: ClientLimits = field(default_factory=ClientLimits)
@@ -50,11 +57,27 @@ class EndpointSettings:
 ProtocolHandler = Callable[[WebSocketConnection, dict[str, Any]], Awaitable[None] | None]
 
 
-def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None) -> bool:
-    """Browsers always send Origin; other clients may not, and are not cross-site attackers."""
-    if allowed is None or origin is None:
+def origin_allowed(
+    origin: str | None,
+    allowed: tuple[str, ...] | None,
+    host: str | None = None,
+    same_origin: bool = False,
+) -> bool:
+    """Browsers always send Origin; other clients may not, and are not cross-site attackers.
+
+    With no list of allowed origins, `same_origin` admits only pages served by the host the
+    handshake was sent to (cross-site WebSocket hijacking: a CSRF check for sockets).
+    """
+    if origin is None:
         return True
+    if allowed is None:
+        return not same_origin or _origin_host(origin) == (host or "").lower()
     return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+
+
+def _origin_host(origin: str) -> str:
+    """`host[:port]` of an Origin such as `https://example.com:8443`."""
+    return origin.partition("://")[2].rstrip("/").lower()
 
 
 async def authenticate(
@@ -102,7 +125,8 @@ class Endpoint:
 
     async def __call__(self, websocket: WebSocket) -> None:
         settings = self.settings
-        if not origin_allowed(websocket.headers.get("origin"), settings.allowed_origins):
+        origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+        if not origin_allowed(origin, settings.allowed_origins, host, settings.same_origin):
             # Closing before accept makes the server answer the handshake with HTTP 403.
             await websocket.close(code=CloseCode.POLICY_VIOLATION)
             return
@@ -114,13 +138,16 @@ class Endpoint:
             await websocket.accept()
             await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=str(refused.reason))
             return
+        server_protocol = find_server_protocol(websocket)
+        decline_compression(server_protocol)  # shared frames need uncompressed sockets
         await websocket.accept()
+        await handshake_written(server_protocol)
         address = websocket.client.host if websocket.client else "unknown"
         refusal = self._over_connection_limits(principal, address)
         if refusal is not None:
             await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=refusal)
             return
-        connection = self._open(websocket, principal)
+        connection = self._open(websocket, principal, server_protocol)
         try:
             await self._receive_loop(websocket, connection)
             await connection.wait_closed()  # the server's close frame goes out before we end
@@ -145,7 +172,9 @@ class Endpoint:
             return CloseReason.TOO_MANY_CONNECTIONS
         return None
 
-    def _open(self, websocket: WebSocket, principal: Principal) -> WebSocketConnection:
+    def _open(
+        self, websocket: WebSocket, principal: Principal, server_protocol: Any
+    ) -> WebSocketConnection:
         settings = self.settings
         connection = WebSocketConnection(
             websocket=websocket,
@@ -160,10 +189,10 @@ class Endpoint:
         manager = self.realtime.manager(settings.app_slug)
         connection.start(
             websocket.send_text,
-            _closer(websocket),
+            _closer(websocket, transport_abort(server_protocol) or scope_abort(websocket.scope)),
             settings.queue_limits,
             on_close=lambda closed, _code: manager.remove(closed),
-            server_protocol=scope_protocol(websocket.scope),
+            server_protocol=server_protocol,
         )
         # `connected` is queued before the connection is visible, so it always comes first.
         connection.send_message(
@@ -299,9 +328,9 @@ def _reply_error(
     connection.send_message(protocol.error_message(code, text, ref))
 
 
-def _closer(websocket: WebSocket) -> Callable[[int, str], Awaitable[None]]:
-    abort = scope_abort(websocket.scope)
-
+def _closer(
+    websocket: WebSocket, abort: Callable[[], None] | None
+) -> Callable[[int, str], Awaitable[None]]:
     async def close(code: int, reason: str) -> None:
         try:
             if websocket.application_state is WebSocketState.CONNECTED:

@@ -5,7 +5,8 @@ unmasked as server frames are) is built once and shared by every socket it goes 
 
 `DirectSink` writes wire frames straight to the server transport: no task, no await, no copy
 per socket (the websockets library's own broadcast() works this way). It is used where the
-server exposes its transport and the connection has no compression. `QueuedSink` is the
+server exposes its transport and the connection has no compression (every uvicorn
+implementation; see engine/server_protocols.py). `QueuedSink` is the
 portable path: a bounded queue drained by a writer task through the ASGI `send`.
 """
 
@@ -17,6 +18,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+
+from engine.server_protocols import direct_target
 
 logger = logging.getLogger("engine.frames")
 
@@ -57,26 +60,21 @@ class Sink(Protocol):
 class DirectSink:
     """Frames written to the transport at once; its buffer is the connection's queue."""
 
-    __slots__ = ("_closed", "_max_bytes", "_protocol", "_transport")
+    __slots__ = ("_closed", "_max_bytes", "_transport", "_writable")
 
-    def __init__(self, protocol: Any, max_bytes: int) -> None:
-        self._protocol = protocol
-        self._transport = protocol.transport
+    def __init__(self, transport: Any, writable: Any, max_bytes: int) -> None:
+        self._transport = transport
+        self._writable = writable  # set while the transport takes writes; None: not known
         self._max_bytes = max_bytes
         self._closed = False
 
     @classmethod
     def for_protocol(cls, protocol: Any, max_bytes: int) -> DirectSink | None:
-        """A direct sink when the server protocol allows it (uvicorn's websockets-sansio)."""
-        connection = getattr(protocol, "conn", None)
-        if (
-            connection is None
-            or getattr(connection, "extensions", None) != []  # compression: no shared bytes
-            or not callable(getattr(getattr(protocol, "writable", None), "wait", None))
-            or getattr(protocol, "transport", None) is None
-        ):
+        """A direct sink when the server protocol allows it (see engine.server_protocols)."""
+        target = direct_target(protocol)
+        if target is None:
             return None
-        return cls(protocol, max_bytes)
+        return cls(target.transport, target.writable, max_bytes)
 
     def offer(self, frame: str) -> bool:
         """Write a frame; False when the socket already holds more than its byte bound."""
@@ -96,10 +94,10 @@ class DirectSink:
             if not buffered or buffered + len(data) <= self._max_bytes:
                 self._transport.write(data)
                 return True
-            if self._protocol.writable.is_set():
+            if self._writable is None or self._writable.is_set():
                 await asyncio.sleep(0.005)  # a bound below the transport's own high mark
             else:
-                await self._protocol.writable.wait()
+                await self._writable.wait()
         return False
 
     def stop(self) -> None:

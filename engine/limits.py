@@ -12,7 +12,9 @@ class ClientLimits:
     """Per-connection and per-principal bounds (0 disables a bound)."""
 
     connections_per_user: int = 100  # per app
-    connections_per_ip: int = 1000  # per engine process
+    # Off by default: behind a proxy every user comes from its address. Counts the address
+    # uvicorn reports, which is the real client's when proxy headers are trusted.
+    connections_per_ip: int = 0  # per engine process
     messages_per_second: float = 50.0  # sustained, per connection
     message_burst: int = 100  # messages allowed at once above the rate
     subscriptions_per_connection: int = 100

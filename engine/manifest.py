@@ -19,12 +19,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from engine import manifest_compat
 from engine.identity.providers import check_algorithms, check_jwks_url
 from engine.query import QueryError, validate_query
 
@@ -213,6 +215,7 @@ class EndpointAuth(BaseModel):
 
     required: bool = True
     allow_anonymous: bool = False
+    csrf_required: bool = False  # mdb-engine 0.15: browsers only from allowed origins
 
 
 class WatchBinding(BaseModel):
@@ -313,6 +316,7 @@ class CorsConfig(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="allow")
 
+    enabled: bool = True  # mdb-engine 0.15: false turns the Origin check off
     allow_origins: list[Origin] = Field(default_factory=list)
 
 
@@ -327,6 +331,12 @@ class Manifest(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     cors: CorsConfig | None = None
     auth: AppAuth | None = None
+    _warnings: tuple[Problem, ...] = PrivateAttr(default=())
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        """Keys accepted from mdb-engine 0.15 that mean nothing here (see manifest_compat)."""
+        return self._warnings
 
     @model_validator(mode="before")
     @classmethod
@@ -593,12 +603,17 @@ def parse_manifest(data: object, source: str = "<manifest>") -> Manifest:
         message = "not valid Unicode text (a lone surrogate escape such as \\ud800)"
         raise ManifestError([Problem(source, broken or "$", message)])
     problems = _auth_default_problems(data, source)
+    compat = manifest_compat.translate(data)
+    problems += [Problem(source, path, message) for path, message in compat.problems]
     try:
-        manifest = Manifest.model_validate(data)
+        manifest = Manifest.model_validate(compat.data)
     except ValidationError as err:
         raise ManifestError(problems + _problems_from_validation(err, source)) from None
     if problems:
         raise ManifestError(problems)
+    manifest._warnings = tuple(
+        Problem(source, path, f"warning: {message}") for path, message in compat.warnings
+    )
     return manifest
 
 
@@ -711,6 +726,9 @@ def validate_command(paths: list[str]) -> int:
             manifests.append((file, load_manifest_file(file)))
         except ManifestError as err:
             problems += err.problems
+    for _, manifest in manifests:
+        for warning in manifest.warnings:
+            print(_printable(str(warning)), file=sys.stderr)
     problems += _duplicate_slugs(manifests)
     for problem in problems:
         print(_printable(str(problem)))

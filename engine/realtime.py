@@ -67,6 +67,7 @@ class Realtime:
         self.claimed = False
         self.addresses = AddressCounter()
         self.ping_intervals: set[float] = set()  # of the endpoints that had connections
+        self.owner: Any = None  # the MongoDBEngine using this state, once one does
         # Set by a running engine: carries broadcasts to the other processes (the bus).
         self.publisher: Callable[[str, dict[str, Any], str | None], object] | None = None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.bus import DEFAULT_BUS_TTL_SECONDS
-from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES
+from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES, EndpointSettings
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
 from engine.identity.jwks import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MIN_REFETCH_SECONDS, JwksTiming
@@ -25,6 +25,13 @@ from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
 DEFAULT_DB_NAME = "mdb_realtime"
+# The MongoDB URI, first set wins: the engine's variable, then the one mdb-engine reads.
+MONGO_URI_ENVIRONMENT = ("MONGODB_URI", "MDB_MONGO_URI")
+
+
+def mongo_uri_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return next((env[name] for name in MONGO_URI_ENVIRONMENT if env.get(name)), None)
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -132,6 +139,36 @@ class EngineSettings:
                 max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
                 max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),
             ),
+        )
+
+    def endpoint(
+        self,
+        app_slug: str,
+        name: str,
+        path: str,
+        *,
+        require_auth: bool = True,
+        allow_anonymous: bool = False,
+        ping_interval: int = 30,
+        allowed_origins: tuple[str, ...] | None = None,
+        same_origin: bool = False,
+        identity_placeholders: tuple[str, ...] = (),
+    ) -> EndpointSettings:
+        """One endpoint's settings: what the manifest (or the caller) says about it, and
+        the engine-wide bounds. Every way of mounting an endpoint builds them here."""
+        return EndpointSettings(
+            app_slug=app_slug,
+            name=name,
+            path=path,
+            require_auth=require_auth,
+            allow_anonymous=allow_anonymous,
+            ping_interval=ping_interval,
+            allowed_origins=allowed_origins,
+            same_origin=same_origin,
+            max_message_bytes=self.max_message_bytes,
+            queue_limits=self.queue_limits,
+            client_limits=self.client_limits,
+            identity_placeholders=identity_placeholders,
         )
 
     def verifier(self) -> TokenVerifier:

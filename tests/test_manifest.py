@@ -122,7 +122,7 @@ def test_to_document_fills_every_default() -> None:
             "rt": {
                 "path": "/ws",
                 "description": None,
-                "auth": {"required": True, "allow_anonymous": False},
+                "auth": {"required": True, "allow_anonymous": False, "csrf_required": False},
                 "ping_interval": 30,
                 "watch": {
                     "todos": {
@@ -341,7 +341,7 @@ def test_endpoint_name_given_must_equal_its_key() -> None:
         (app(pingInterval=10), f"{EP}.pingInterval", "did you mean 'ping_interval'?"),
         (app(paths="/x"), f"{EP}.paths", "did you mean 'path'?"),
         (app(auth={"requird": True}), f"{EP}.auth.requird", "did you mean 'required'?"),
-        (app(auth={"roles": []}), f"{EP}.auth.roles", "allow_anonymous, required"),
+        (app(auth={"roles": []}), f"{EP}.auth.roles", "allow_anonymous, csrf_required, required"),
         (binding(filters={}), f"{EP}.watch.t.filters", "did you mean 'filter'?"),
         (binding(projection=[]), f"{EP}.watch.t.projection", "fields, filter, operations"),
         ({**app(), "data": {"prefix": "x_"}}, "data.prefix", "collection_prefix, database"),

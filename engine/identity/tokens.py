@@ -219,13 +219,24 @@ def issue_token(
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
+# Where the signing secret comes from, first set wins: the engine's own variable, SECRET_KEY
+# (SPEC 2), then the names mdb-engine reads.
+SECRET_ENVIRONMENT = (
+    "MDB_REALTIME_JWT_SECRET",
+    "SECRET_KEY",
+    "MDB_ENGINE_JWT_SECRET",
+    "MDB_JWT_SECRET",
+)
+
+
 def resolve_secret(data_dir: str | Path, environ: Mapping[str, str] | None = None) -> str:
-    """MDB_REALTIME_JWT_SECRET, else SECRET_KEY, else a secret generated once in the data folder.
+    """The first variable of SECRET_ENVIRONMENT that is set, else a secret generated once in
+    the data folder.
 
     The generated secret lets `serve` and `token` work together on a fresh machine.
     """
     env = os.environ if environ is None else environ
-    for name in ("MDB_REALTIME_JWT_SECRET", "SECRET_KEY"):
+    for name in SECRET_ENVIRONMENT:
         if env.get(name):
             return env[name]
     path = Path(data_dir) / SECRET_FILE_NAME

@@ -68,14 +68,24 @@ async def authenticate_websocket(
     settings = EndpointSettings(app_slug=app_slug, name="", path="", require_auth=require_auth)
     try:
         principal = await authenticate(
-            settings,
-            _shared_identity(EngineSettings.from_env()).for_app(app_slug),
-            websocket.query_params,
-            websocket.headers,
+            settings, _app_identity(app_slug), websocket.query_params, websocket.headers
         )
     except AuthError as refused:
         raise WebSocketDisconnect(CloseCode.POLICY_VIOLATION, str(refused.reason)) from None
     return principal.user_id, principal.email
+
+
+def _app_identity(app_slug: str) -> AppIdentity:
+    """How the engine of this process verifies the app's tokens, or, before any engine, the
+    identity the environment's settings describe."""
+    owner = default_realtime().owner
+    if owner is None:
+        return _shared_identity(EngineSettings.from_env()).for_app(app_slug)
+    if app_slug in owner.apps:
+        identity: AppIdentity = owner.app_identity(app_slug)
+        return identity
+    fallback: AppIdentity = owner.identity.for_app(app_slug)
+    return fallback
 
 
 def create_websocket_endpoint(
@@ -86,41 +96,35 @@ def create_websocket_endpoint(
     require_auth: bool = True,
     ping_interval: int = 30,
 ) -> Callable[[WebSocket], Awaitable[None]]:
-    """A route handler for one endpoint, to mount with `app.add_websocket_route(path, ...)`."""
-    state = default_realtime()
+    """A route handler for one endpoint, to mount with `app.add_api_websocket_route(path, ...)`.
+
+    It is built at its first connection, from the engine of the process when there is one
+    (its settings, subscriptions, resumes and the manifest's bindings of this endpoint name),
+    else from the environment's settings (`EngineSettings.from_env`), as `serve` reads them.
+    """
     if handler is not None:
-        state.register_handler(app_slug, endpoint_name, handler)
-    env_settings = EngineSettings.from_env()
-    # Built once, on first use: the secret may be generated in the data folder then.
-    identity = _LazyIdentity(env_settings, app_slug)
-    endpoint = Endpoint(
-        EndpointSettings(
-            app_slug=app_slug,
-            name=endpoint_name,
-            path=path,
-            require_auth=require_auth,
-            ping_interval=ping_interval,
-            max_message_bytes=env_settings.max_message_bytes,
-            queue_limits=env_settings.queue_limits,
-        ),
-        state,
-        identity,
-    )
-    return endpoint.__call__
+        default_realtime().register_handler(app_slug, endpoint_name, handler)
+    built: list[Endpoint] = []
 
+    def build() -> Endpoint:
+        state = default_realtime()
+        owner = state.owner
+        settings = owner.settings if owner is not None else EngineSettings.from_env()
+        endpoint_settings = settings.endpoint(
+            app_slug, endpoint_name, path, require_auth=require_auth, ping_interval=ping_interval
+        )
+        if owner is not None:
+            endpoint: Endpoint = owner.websocket_endpoint(endpoint_settings)
+            return endpoint
+        identity = _shared_identity(settings).for_app(app_slug)
+        return Endpoint(endpoint_settings, state, lambda: identity)
 
-class _LazyIdentity:
-    """The app's identity from the environment, built when the first connection comes."""
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        if not built:
+            built.append(build())
+        await built[0](websocket)
 
-    def __init__(self, settings: EngineSettings, app_slug: str) -> None:
-        self._settings = settings
-        self._app_slug = app_slug
-        self._built: AppIdentity | None = None
-
-    def __call__(self) -> AppIdentity:
-        if self._built is None:
-            self._built = _shared_identity(self._settings).for_app(self._app_slug)
-        return self._built
+    return websocket_endpoint
 
 
 _IDENTITIES: dict[tuple[object, ...], Identity] = {}
