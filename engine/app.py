@@ -224,8 +224,11 @@ class MongoDBEngine:
         return self.settings.identity()
 
     def app_identity(self, slug: str) -> AppIdentity:
-        """How the tokens and tickets of app `slug` are verified."""
-        manifest = self.app_manifest(slug)
+        """How the tokens and tickets of app `slug` are verified (an app with no manifest, as
+        mounted by `create_websocket_endpoint`, by the engine's settings alone)."""
+        manifest = self._apps.get(slug)
+        if manifest is None:
+            return self.identity.for_app(slug)
         return self.identity.for_app(
             slug, manifest.jwt_settings(), manifest.ticket_ttl_seconds(DEFAULT_TICKET_TTL_SECONDS)
         )

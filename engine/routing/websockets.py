@@ -81,11 +81,8 @@ def _app_identity(app_slug: str) -> AppIdentity:
     owner = default_realtime().owner
     if owner is None:
         return _shared_identity(EngineSettings.from_env()).for_app(app_slug)
-    if app_slug in owner.apps:
-        identity: AppIdentity = owner.app_identity(app_slug)
-        return identity
-    fallback: AppIdentity = owner.identity.for_app(app_slug)
-    return fallback
+    identity: AppIdentity = owner.app_identity(app_slug)
+    return identity
 
 
 def create_websocket_endpoint(
