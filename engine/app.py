@@ -25,12 +25,13 @@ from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
 from engine.endpoint import Endpoint, EndpointSettings
 from engine.history import History
 from engine.http_broadcast import add_broadcast_route
-from engine.hub import WebSocketConnectionManager
+from engine.hub import WebSocketConnection, WebSocketConnectionManager
 from engine.manifest import Manifest, find_manifests, load_manifest_file, parse_manifest
 from engine.metrics import EngineMetrics
 from engine.pages import add_app_page, mount_static, page_of
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
+from engine.rooms.service import Rooms
 from engine.router import Binding, Router
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
 from engine.stats import counting
@@ -77,6 +78,10 @@ class MongoDBEngine:
         self.router.snapshots = self.recovery.snapshot
         self.origin = uuid.uuid4().hex  # this process on the bus
         self.router.origin = self.origin
+        self.rooms = Rooms(
+            self.origin, self.settings.presence_timing, self.settings.presence_batch_seconds
+        )
+        self.realtime.rooms = self.rooms
         self.bus: Bus | None = None
         self._checkpoints: CheckpointStore | None = None
         self._checkpointing: asyncio.Task[None] | None = None
@@ -103,12 +108,14 @@ class MongoDBEngine:
         )
         await self.bus.start(set(self.router.namespaces()))
         self.realtime.publisher = self.bus.publish
+        await self.rooms.start(self._client, self.bus, self._histories)
         self._checkpointing = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
         logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
 
     async def shutdown(self) -> None:
         self._running = False
         self.realtime.publisher = None
+        await self.rooms.stop()  # before the bus stops: members elsewhere see these leave
         if self.bus is not None:
             await self.bus.stop()
             self.bus = None
@@ -156,6 +163,7 @@ class MongoDBEngine:
             self._refuse_overlap(parsed, other)
         self._apps[parsed.slug] = parsed
         self.router.add_app(parsed, self.db_name)
+        self.rooms.add_app(parsed, self.db_name)
         self.realtime.manager(parsed.slug)
         logger.info("registered app %r (%d endpoint(s))", parsed.slug, len(parsed.websockets))
         return parsed
@@ -219,9 +227,12 @@ class MongoDBEngine:
                 ),
                 self.realtime,
                 lambda: self.verifier,
-                protocol_handlers=self.router.protocol_handlers(),
+                protocol_handlers={
+                    **self.router.protocol_handlers(),
+                    **self.rooms.protocol_handlers(slug, name),
+                },
                 on_connect=self.recovery.on_connect,
-                on_disconnect=self.router.detach,
+                on_disconnect=self._detach,
                 stats=self.metrics.stats.endpoint(slug, name),
             )
             route = f"/{slug}{config.path}"
@@ -229,6 +240,10 @@ class MongoDBEngine:
             self._websocket_routes[route] = endpoint.__call__
             mounted.append(route)
         return mounted
+
+    def _detach(self, connection: WebSocketConnection) -> None:
+        self.router.detach(connection)
+        self.rooms.detach(connection)
 
     def register_message_handler(self, slug: str, endpoint: str, handler: MessageHandler) -> None:
         self.realtime.register_handler(slug, endpoint, handler)
@@ -240,6 +255,14 @@ class MongoDBEngine:
         self, slug: str, message: dict[str, Any], user_id: str | None = None
     ) -> int:
         return await self.realtime.broadcast(slug, message, user_id)
+
+    async def broadcast_to_room(self, slug: str, room: str, message: dict[str, Any]) -> str:
+        """Send `message` to the members of a room on every process; the message id."""
+        return await self.rooms.broadcast_to_room(slug, room, message)
+
+    async def get_presence(self, slug: str, room: str) -> list[dict[str, Any]]:
+        """The members of a room with `presence`, on every process."""
+        return await self.rooms.get_presence(slug, room)
 
     def create_app(self, manifests_dir: str | Path | None = None) -> FastAPI:
         """A FastAPI app serving every manifest in `manifests_dir`, with health routes."""
@@ -311,6 +334,7 @@ class MongoDBEngine:
         def route(event: ChangeEvent) -> None:
             history.append(event)
             self.router.route(event)
+            self.rooms.route(event)  # room messages and presence on the bus
 
         return route
 

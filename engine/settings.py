@@ -14,6 +14,8 @@ from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
 from engine.limits import ClientLimits
 from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
+from engine.rooms.service import DEFAULT_BATCH_SECONDS
+from engine.rooms.store import PresenceTiming
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
 DEFAULT_DB_NAME = "mdb_realtime"
@@ -29,6 +31,37 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value > minimum:
+        raise ValueError(f"{name} must be more than {minimum:g}, got {raw!r}")
+    return value
+
+
+def _presence_timing(env: Mapping[str, str]) -> PresenceTiming:
+    defaults = PresenceTiming()
+    timing = PresenceTiming(
+        heartbeat_seconds=_float(
+            env, "MDB_REALTIME_PRESENCE_HEARTBEAT_SECONDS", defaults.heartbeat_seconds
+        ),
+        timeout_seconds=_float(
+            env, "MDB_REALTIME_PRESENCE_TIMEOUT_SECONDS", defaults.timeout_seconds
+        ),
+    )
+    if timing.timeout_seconds <= timing.heartbeat_seconds:
+        raise ValueError(
+            "MDB_REALTIME_PRESENCE_TIMEOUT_SECONDS must be longer than the heartbeat "
+            f"({timing.heartbeat_seconds:g} s); three heartbeats is a good choice"
+        )
+    return timing
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Settings shared by every app an engine serves."""
@@ -42,6 +75,8 @@ class EngineSettings:
     snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
     bus_ttl_seconds: int = DEFAULT_BUS_TTL_SECONDS  # how long broadcasts stay for resumes
     client_limits: ClientLimits = field(default_factory=ClientLimits)
+    presence_timing: PresenceTiming = field(default_factory=PresenceTiming)
+    presence_batch_seconds: float = DEFAULT_BATCH_SECONDS  # presence frames per interval
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
@@ -74,6 +109,11 @@ class EngineSettings:
             ),
             history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
             snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
+            presence_timing=_presence_timing(env),
+            presence_batch_seconds=_float(
+                env, "MDB_REALTIME_PRESENCE_BATCH_MS", DEFAULT_BATCH_SECONDS * 1000
+            )
+            / 1000,
             queue_limits=QueueLimits(
                 max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
                 max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),
