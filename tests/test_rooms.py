@@ -19,6 +19,8 @@ from pymongo import AsyncMongoClient
 from websockets.asyncio.client import ClientConnection
 
 from engine.auth import issue_token
+from engine.client import Backoff, RealtimeClient, RoomError
+from tests.cut_proxy import CutProxy
 from tests.support import (
     REPO,
     TEST_SECRET,
@@ -437,3 +439,54 @@ async def test_a_killed_process_leaves_every_room(
     finally:
         await ann.close()
         doomed.stop()
+
+
+async def test_python_client_joins_again_and_catches_up_after_a_cut(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    first, second = servers
+    port = int(first.url.rsplit(":", 1)[1])
+    proxy = await CutProxy("127.0.0.1", port).start()
+    ann_token = issue_token(TEST_SECRET, app_slug="hall", user_id="ann")
+    bob_token = issue_token(TEST_SECRET, app_slug="hall", user_id="bob")
+    heard: list[Any] = []
+    ann = RealtimeClient(
+        proxy.url.replace("http://", "ws://") + "/hall/ws",
+        token=ann_token,
+        backoff=Backoff(initial=0.05, maximum=0.2),
+    )
+    bob = RealtimeClient(second.ws_url("/hall/ws"), token=bob_token)
+    try:
+        await ann.connect()
+        await bob.connect()
+        await ann.join("chat:py", on_message=lambda m: heard.append(m["data"]["n"]))
+        joined = await ann.join("lobby", info={"name": "Ann"})
+        assert joined["members"][0]["info"] == {"name": "Ann"}
+        await bob.join("lobby")
+        await bob.join("chat:py")
+        await ann.wait_until(lambda: len(ann.members("lobby")) == 2)
+        with pytest.raises(RoomError) as refused:
+            await bob.join("team:red")
+        assert refused.value.code == "forbidden_room"
+        await bob.publish("chat:py", {"n": 1})
+        await ann.wait_until(lambda: heard == [1])
+
+        first_id = ann.connected_message["connection_id"]  # type: ignore[index]
+        await proxy.cut()
+        await bob.wait_until(
+            lambda: first_id not in {m["connection_id"] for m in bob.members("lobby")}, 15
+        )
+        for n in (2, 3):
+            await bob.publish("chat:py", {"n": n})
+        proxy.restore()
+        # Back on a new connection, in both rooms again, with what was missed meanwhile.
+        await ann.wait_until(lambda: heard == [1, 2, 3], 20)
+        await bob.wait_until(lambda: len(bob.members("lobby")) == 2, 15)
+        await bob.publish("chat:py", {"n": 4})
+        await ann.wait_until(lambda: heard == [1, 2, 3, 4])
+        await asyncio.sleep(0.3)
+        assert heard == [1, 2, 3, 4]  # nothing twice
+    finally:
+        await ann.close()
+        await bob.close()
+        await proxy.close()
