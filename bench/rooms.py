@@ -20,7 +20,7 @@ Settings changed from the defaults: none in the engine, except MDB_REALTIME_MAX_
 PER_IP=0 (every client comes from 127.0.0.1). The load generator, and the embedded database
 when MONGODB_URI is not set, share the second core. The machine is shared: read ratios.
 
-Run: python -m bench.rooms [--members 5000] [--room-members 1000] [--messages 200] [--rounds 3]
+Run: python -m bench.rooms [--members 5000] [--room-members 1000] [--messages 500] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -174,6 +174,10 @@ async def join_storm(servers: list[Server], members: int, samples: int) -> dict[
         await harness.wait_idle(server.pid)
     rss_before = [harness.rss_bytes(s.pid) for s in servers]
     cpu_before = sum(harness.cpu_seconds(s.pid) for s in servers)
+    core_before, loadgen_before = (
+        harness.core_busy_seconds(harness.SERVER_CORE),
+        harness.own_cpu_seconds(),
+    )
     started = time.time()
     for client in clients:  # every member asks at once
         client.join("storm")
@@ -189,33 +193,43 @@ async def join_storm(servers: list[Server], members: int, samples: int) -> dict[
         await asyncio.sleep(0.2)
     settled = max(rooms.last_presence, started) - started
     cpu = sum(harness.cpu_seconds(s.pid) for s in servers) - cpu_before
+    others = harness.core_busy_seconds(harness.SERVER_CORE) - core_before - cpu
+    elapsed = time.time() - started
     rss_after = [harness.rss_bytes(s.pid) for s in servers]
     complete = sum(1 for c in sampled if c.members == everyone)
     result = {
         "members": len(clients),
         "seconds_until_all_joined": all_joined,
         "seconds_until_presence_settled": settled,
-        "presence_frames_per_member": rooms.presence_frames / len(clients),
+        "frames_per_member": (rooms.presence_frames + rooms.joined) / len(clients),
         "presence_events_per_member": rooms.presence_events / len(clients),
         "server_cpu_seconds": cpu,
         "server_cpu_ms_per_join": 1000 * cpu / len(clients),
-        "rss_bytes_per_membership": (sum(rss_after) - sum(rss_before)) / len(clients),
+        # Includes what was still buffered for sockets then: the storm moves N^2 member entries.
+        "rss_growth_bytes_per_member": (sum(rss_after) - sum(rss_before)) / len(clients),
+        "loadgen_cpu_seconds": harness.own_cpu_seconds() - loadgen_before,
+        "others_on_server_core_pct": 100 * max(0.0, others) / elapsed,
         "sampled_with_full_list": f"{complete}/{len(sampled)}",
     }
     close_clients(clients)
-    await asyncio.sleep(1.0)
+    for server in servers:  # every member leaves: let the processes and the database settle
+        await harness.wait_idle(server.pid, quiet_seconds=1.0, timeout=120)
     return result
 
 
 async def publish_round(server: Server, room_members: int, messages: int, size: int) -> dict:
     tally, rooms = Tally(), RoomTally(expected_joined=room_members)
     clients = await open_room_clients(server, room_members, tally, rooms, 0, 100_000)
+    await server.wait_connections(room_members)
+    await harness.wait_idle(server.pid)
+    rss_before = harness.rss_bytes(server.pid)
     for client in clients:
         client.join("plain:1")
     await asyncio.wait_for(rooms.all_joined.wait(), 120)
-    await server.wait_connections(room_members)
     await harness.wait_idle(server.pid)
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {
+        "rss_bytes_per_membership": (harness.rss_bytes(server.pid) - rss_before) / room_members
+    }
     for kind in ("room", "app"):
         await harness.wait_idle(server.pid)
         cpu_before = harness.cpu_seconds(server.pid)
@@ -266,7 +280,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "events/member",
                     "server CPU s",
                     "CPU ms/join",
-                    "RSS B/membership",
+                    "RSS growth B/member",
+                    "loadgen CPU s",
+                    "others on server core %",
                     "full lists",
                 ],
                 [
@@ -274,11 +290,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         storm["members"],
                         storm["seconds_until_all_joined"],
                         storm["seconds_until_presence_settled"],
-                        storm["presence_frames_per_member"],
+                        storm["frames_per_member"],
                         storm["presence_events_per_member"],
                         storm["server_cpu_seconds"],
                         storm["server_cpu_ms_per_join"],
-                        storm["rss_bytes_per_membership"],
+                        storm["rss_growth_bytes_per_member"],
+                        storm["loadgen_cpu_seconds"],
+                        storm["others_on_server_core_pct"],
                         storm["sampled_with_full_list"],
                     ]
                 ],
@@ -326,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--members", type=int, default=5000, help="join storm size (5000)")
     parser.add_argument("--samples", type=int, default=20, help="members keeping full lists")
     parser.add_argument("--room-members", type=int, default=1000, help="publish room (1000)")
-    parser.add_argument("--messages", type=int, default=200, help="messages per trial (200)")
+    parser.add_argument("--messages", type=int, default=500, help="messages per trial (500)")
     parser.add_argument("--size", type=int, default=100, help="message bytes (100)")
     parser.add_argument("--rounds", type=int, default=3)
     return parser.parse_args(argv)

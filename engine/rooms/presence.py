@@ -30,9 +30,15 @@ class Member:
     user_id: str | None
     info: Any
     origin: str
+    # Built once: a join storm lists every member to every joiner (read-only, never mutated).
+    shown: dict[str, Any] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        shown = {"user_id": self.user_id, "connection_id": self.connection_id, "info": self.info}
+        object.__setattr__(self, "shown", shown)
 
     def to_json(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "connection_id": self.connection_id, "info": self.info}
+        return self.shown
 
 
 @dataclass

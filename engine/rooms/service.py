@@ -528,7 +528,7 @@ class Rooms:
         room, else one read of the presence store."""
         local = self._rooms.get((app_slug, room))
         if local is not None and local.presence is not None and not local.presence.loading:
-            return local.presence.listing()
+            return [dict(member) for member in local.presence.listing()]
         database = self._databases.get(app_slug)
         if self.store is None or database is None:
             return []
