@@ -172,7 +172,17 @@ async def join_storm(servers: list[Server], members: int, samples: int) -> dict[
         )
     for server in servers:
         await harness.wait_idle(server.pid)
+    # Memory of plain memberships first: the same members join a room without presence.
+    rss_connected = sum(harness.rss_bytes(s.pid) for s in servers)
+    for client in clients:
+        client.join("plain:0")
+    await asyncio.wait_for(rooms.all_joined.wait(), 300)
+    rooms.joined, rooms.presence_frames, rooms.presence_events = 0, 0, 0
+    rooms.all_joined.clear()
+    for server in servers:
+        await harness.wait_idle(server.pid)
     rss_before = [harness.rss_bytes(s.pid) for s in servers]
+    plain_bytes = (sum(rss_before) - rss_connected) / len(clients)
     cpu_before = sum(harness.cpu_seconds(s.pid) for s in servers)
     core_before, loadgen_before = (
         harness.core_busy_seconds(harness.SERVER_CORE),
@@ -207,6 +217,7 @@ async def join_storm(servers: list[Server], members: int, samples: int) -> dict[
         "server_cpu_ms_per_join": 1000 * cpu / len(clients),
         # Includes what was still buffered for sockets then: the storm moves N^2 member entries.
         "rss_growth_bytes_per_member": (sum(rss_after) - sum(rss_before)) / len(clients),
+        "rss_bytes_per_plain_membership": plain_bytes,
         "loadgen_cpu_seconds": harness.own_cpu_seconds() - loadgen_before,
         "others_on_server_core_pct": 100 * max(0.0, others) / elapsed,
         "sampled_with_full_list": f"{complete}/{len(sampled)}",
@@ -222,14 +233,11 @@ async def publish_round(server: Server, room_members: int, messages: int, size: 
     clients = await open_room_clients(server, room_members, tally, rooms, 0, 100_000)
     await server.wait_connections(room_members)
     await harness.wait_idle(server.pid)
-    rss_before = harness.rss_bytes(server.pid)
     for client in clients:
         client.join("plain:1")
     await asyncio.wait_for(rooms.all_joined.wait(), 120)
     await harness.wait_idle(server.pid)
-    result: dict[str, Any] = {
-        "rss_bytes_per_membership": (harness.rss_bytes(server.pid) - rss_before) / room_members
-    }
+    result: dict[str, Any] = {}
     for kind in ("room", "app"):
         await harness.wait_idle(server.pid)
         cpu_before = harness.cpu_seconds(server.pid)
@@ -280,6 +288,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "events/member",
                     "server CPU s",
                     "CPU ms/join",
+                    "RSS B/plain membership",
                     "RSS growth B/member",
                     "loadgen CPU s",
                     "others on server core %",
@@ -294,6 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         storm["presence_events_per_member"],
                         storm["server_cpu_seconds"],
                         storm["server_cpu_ms_per_join"],
+                        storm["rss_bytes_per_plain_membership"],
                         storm["rss_growth_bytes_per_member"],
                         storm["loadgen_cpu_seconds"],
                         storm["others_on_server_core_pct"],

@@ -132,6 +132,12 @@ async def test_page_catches_up_after_losing_its_socket(
         await page.wait_for_selector('#todos li[data-id="seen"]', state="detached", timeout=5_000)
         assert await page.locator('#todos li[data-id="before"]').count() == 1
         assert await page.inner_text("#status") == "live"
+        # The page joined its presence room again, on the new connection.
+        await page.wait_for_function(
+            "window.realtime.members('page').map(m => m.connection_id).join() === "
+            "window.realtime.connected.connection_id",
+            timeout=10_000,
+        )
     finally:
         await proxy.close()
 
