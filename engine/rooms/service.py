@@ -65,7 +65,7 @@ class RoomKind:
     rule: JoinRule
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Membership:
     connection: WebSocketConnection
     member: Member
