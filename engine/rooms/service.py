@@ -82,18 +82,18 @@ class LocalRoom:
     kind: RoomKind
     database: str
     members: dict[str, Membership] = field(default_factory=dict)  # by connection id
+    ready: dict[str, WebSocketConnection] = field(default_factory=dict)  # members done joining
     presence: RoomPresence | None = None
     loading: asyncio.Future[None] | None = None
     batch: PresenceBatch = field(default_factory=PresenceBatch)
     flush: asyncio.TimerHandle | None = None
 
     def deliver(self, frame: str, message_id: str | None = None) -> int:
-        sent = 0
-        for membership in list(self.members.values()):
-            if membership.held is not None:
-                membership.held.append((message_id, frame))
-            elif membership.connection.send(frame):
-                sent += 1
+        sent = sum(1 for connection in list(self.ready.values()) if connection.send(frame))
+        if len(self.ready) != len(self.members):  # some are still joining: they hold it
+            for membership in self.members.values():
+                if membership.held is not None:
+                    membership.held.append((message_id, frame))
         return sent
 
 
@@ -299,6 +299,7 @@ class Rooms:
         for message_id, frame in held:
             if message_id is None or message_id not in already:
                 connection.send(frame)
+        room.ready[connection.connection_id] = connection
 
     async def _presence_on_join(
         self, room: LocalRoom, membership: Membership
@@ -445,6 +446,7 @@ class Rooms:
         connection = membership.connection
         if room.members.get(connection.connection_id) is membership:
             del room.members[connection.connection_id]
+            room.ready.pop(connection.connection_id, None)
         connection.rooms.discard(room.name)
         member = membership.member
         if room.presence is not None and room.presence.leave(member.connection_id) is not None:
