@@ -157,6 +157,9 @@ async def test_two_pages_see_who_is_looking_and_one_leaving(
         assert await other.inner_text('#viewers li:has-text("bob")') == "bob (you)"
         members = await page.evaluate("window.realtime.members('page').map(m => m.user_id).sort()")
         assert members == ["ann", "bob"]
+        # The page's room takes no client messages: the promise rejects with the code.
+        refused = await page.evaluate("window.realtime.publish('page', {x: 1}).catch(e => e.code)")
+        assert refused == "forbidden_publish"
     finally:
         await context.close()
     await page.wait_for_selector('#viewers li:has-text("bob")', state="detached", timeout=15_000)
