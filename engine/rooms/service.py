@@ -36,6 +36,16 @@ from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.manifest import Manifest, RoomConfig
 from engine.protocol import ErrorCode
+from engine.rooms.documents import (
+    NOBODY,
+    PRESENCE_KIND,
+    ROOM_MESSAGE_KIND,
+    member_of,
+    presence_fields,
+    room_message,
+    room_message_fields,
+)
+from engine.rooms.history import missed_since, stored_history
 from engine.rooms.patterns import RoomPattern, parse_pattern, valid_room_name
 from engine.rooms.presence import JOIN, LEAVE, Member, PresenceBatch, RoomPresence
 from engine.rooms.rules import (
@@ -50,8 +60,6 @@ logger = logging.getLogger("engine.rooms")
 
 DEFAULT_BATCH_SECONDS = 0.2  # presence frames: at most one per member per room per interval
 MAX_INFO_BYTES = 4096
-ROOM_MESSAGE_KIND = "room_message"
-PRESENCE_KIND = "presence"
 
 ProtocolHandler = Callable[[WebSocketConnection, dict[str, Any]], Awaitable[None] | None]
 
@@ -355,9 +363,10 @@ class Rooms:
             room.presence, room.loading = None, None
             raise
         members = [
-            Member(d["connection_id"], d.get("user_id"), _loads(d.get("info")), d.get("origin", ""))
+            member
             for d in stored
             if d.get("origin") != self.origin  # this process's own members are known here
+            and (member := member_of(d, str(d.get("origin", "")))) is not None
         ]
         for member in room.presence.loaded(members):
             self._queue_presence(room, JOIN, member)
@@ -370,52 +379,16 @@ class Rooms:
             return [] if wants_history else None
         last_event_id = connection.websocket.query_params.get("last_event_id")
         if last_event_id:
-            missed = self._missed_since(room, last_event_id)
+            missed = missed_since(
+                self.histories, room.database, room.app_slug, room.name, last_event_id
+            )
             if missed is not None:
                 return missed[-limit:]
         if not wants_history and not last_event_id:
             return None
-        return await self._stored_history(room, limit)
-
-    def _missed_since(self, room: LocalRoom, last_event_id: str) -> list[dict[str, Any]] | None:
-        """Room messages after a resume position, from the in-memory history; None if that
-        position is not in memory any more."""
-        history = self.histories.get(room.database)
-        events = history.after(last_event_id) if history is not None else None
-        if events is None:
-            return None
-        return [
-            message
-            for event in events
-            if (message := self._room_message_of(event, room)) is not None
-        ]
-
-    def _room_message_of(self, event: ChangeEvent, room: LocalRoom) -> dict[str, Any] | None:
-        document = event.document
-        if (
-            event.collection != BUS_COLLECTION
-            or document is None
-            or document.get("kind") != ROOM_MESSAGE_KIND
-            or document.get("app") != room.app_slug
-            or document.get("room") != room.name
-        ):
-            return None
-        return _room_message(document, event.timestamp, event.event_id)
-
-    async def _stored_history(self, room: LocalRoom, limit: int) -> list[dict[str, Any]]:
         if self._client is None:
             return []
-        query = {"app": room.app_slug, "room": room.name, "kind": ROOM_MESSAGE_KIND}
-        cursor = (
-            self._client[room.database][BUS_COLLECTION]
-            .find(query)
-            .sort([("at", -1), ("_id", -1)])
-            .limit(limit)
-        )
-        documents = [document async for document in cursor]
-        return [
-            _room_message(d, codec.loads(codec.dumps(d["at"])), None) for d in reversed(documents)
-        ]
+        return await stored_history(self._client, room.database, room.app_slug, room.name, limit)
 
     # -- leave -----------------------------------------------------------------------------
 
@@ -502,13 +475,7 @@ class Rooms:
     def _publish(self, app_slug: str, room: str, sender: dict[str, Any], data: Any) -> str | None:
         if self.bus is None:
             return None
-        fields = {
-            "kind": ROOM_MESSAGE_KIND,
-            "room": room,
-            "from": sender,
-            "data": codec.dumps(data),  # JSON text: the bus stores any JSON, as sent
-        }
-        document_id = self.bus.publish_document(app_slug, fields)
+        document_id = self.bus.publish_document(app_slug, room_message_fields(room, sender, data))
         return str(document_id) if document_id is not None else None
 
     async def broadcast_to_room(self, app_slug: str, room: str, message: dict[str, Any]) -> str:
@@ -518,9 +485,7 @@ class Rooms:
             raise TypeError(f"a room message must be a dict, not {type(message).__name__}")
         if not valid_room_name(room):
             raise ValueError("a room name is 1-256 characters")
-        message_id = self._publish(
-            app_slug, room, {"user_id": None, "connection_id": None}, message
-        )
+        message_id = self._publish(app_slug, room, NOBODY, message)
         if message_id is None:
             raise RuntimeError(f"app {app_slug!r} is not served by a running engine")
         return message_id
@@ -535,10 +500,7 @@ class Rooms:
         if self.store is None or database is None:
             return []
         stored = await self.store.members(database, app_slug, room)
-        return [
-            Member(d["connection_id"], d.get("user_id"), _loads(d.get("info")), "").to_json()
-            for d in stored
-        ]
+        return [dict(m.to_json()) for d in stored if (m := member_of(d, "")) is not None]
 
     # -- from the bus ----------------------------------------------------------------------
 
@@ -552,24 +514,19 @@ class Rooms:
             return 0
         kind = document.get("kind")
         if kind == ROOM_MESSAGE_KIND:
-            message = _room_message(document, event.timestamp, event.event_id)
+            message = room_message(document, event.timestamp, event.event_id)
             return room.deliver(codec.dumps(message), message["message_id"])
         if kind == PRESENCE_KIND and document.get("origin") != self.origin:
             self._apply_presence(room, document)
         return 0
 
     def _apply_presence(self, room: LocalRoom, document: Mapping[str, Any]) -> None:
-        if room.presence is None:
-            return
         raw = document.get("member")
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("connection_id"), str):
-            return
-        member = Member(
-            raw["connection_id"],
-            raw.get("user_id"),
-            _loads(raw.get("info")),
-            str(document.get("origin", "")),
+        member = (
+            member_of(raw, str(document.get("origin", ""))) if isinstance(raw, Mapping) else None
         )
+        if room.presence is None or member is None:
+            return
         event = document.get("event")
         if event == JOIN and room.presence.join(member):
             self._queue_presence(room, JOIN, member)
@@ -578,21 +535,8 @@ class Rooms:
 
     def _announce(self, room: LocalRoom, event: str, member: Member) -> None:
         """Tell the other processes, once the presence document is written."""
-        if self.bus is None:
-            return
-        self.bus.publish_document(
-            room.app_slug,
-            {
-                "kind": PRESENCE_KIND,
-                "room": room.name,
-                "event": event,
-                "member": {
-                    "user_id": member.user_id,
-                    "connection_id": member.connection_id,
-                    "info": codec.dumps(member.info),
-                },
-            },
-        )
+        if self.bus is not None:
+            self.bus.publish_document(room.app_slug, presence_fields(room.name, event, member))
 
     # -- presence frames -------------------------------------------------------------------
 
@@ -628,28 +572,3 @@ class Rooms:
                         for member in room.presence.drop_origin(origin):
                             self._queue_presence(room, LEAVE, member)
                 await self.store.forget(database, origin)
-
-
-def _loads(text: Any) -> Any:
-    if not isinstance(text, str):
-        return None
-    try:
-        return codec.loads(text)
-    except ValueError:
-        return None
-
-
-def _room_message(
-    document: Mapping[str, Any], timestamp: str, event_id: str | None
-) -> dict[str, Any]:
-    sender = document.get("from")
-    return protocol.room_message(
-        room=str(document.get("room")),
-        message_id=str(document["_id"]),
-        sender={"user_id": sender.get("user_id"), "connection_id": sender.get("connection_id")}
-        if isinstance(sender, Mapping)
-        else {"user_id": None, "connection_id": None},
-        data=_loads(document.get("data")),
-        timestamp=timestamp,
-        event_id=event_id,
-    )
