@@ -9,7 +9,15 @@ import pytest
 from bson import ObjectId
 
 from engine.auth import ANONYMOUS, Principal
+from engine.changes import ChangeEvent
 from engine.manifest import ManifestError, RoomConfig, parse_manifest
+from engine.rooms.documents import (
+    NOBODY,
+    member_of,
+    presence_fields,
+    room_message_fields,
+    room_message_of,
+)
 from engine.rooms.patterns import PatternError, parse_pattern, valid_room_name
 from engine.rooms.presence import JOIN, LEAVE, Member, PresenceBatch, RoomPresence
 from engine.rooms.rules import (
@@ -251,3 +259,36 @@ def test_presence_settings() -> None:
         EngineSettings.from_env({"MDB_REALTIME_PRESENCE_TIMEOUT_SECONDS": "1"})
     with pytest.raises(ValueError, match="must be a number"):
         EngineSettings.from_env({"MDB_REALTIME_PRESENCE_BATCH_MS": "soon"})
+
+
+def bus_event(document: dict[str, Any], collection: str = "_mdb_realtime_bus") -> ChangeEvent:
+    return ChangeEvent(
+        event_id="E1",
+        resume_token={"_data": "E1"},
+        operation="insert",
+        database="db",
+        collection=collection,
+        document_id=document["_id"],
+        document=document,
+        before=None,
+        updated_fields=None,
+        removed_fields=None,
+        cluster_time=None,
+        timestamp="2026-01-01T00:00:00Z",
+    )
+
+
+def test_room_documents_round_trip_any_json_and_stay_apart_from_broadcasts() -> None:
+    data = {"$odd key": 1, "a.b": [2**60], "nested": {"x": None}}
+    document = {"_id": ObjectId(), "app": "hall", **room_message_fields("r", NOBODY, data)}
+    assert "message" not in document  # never read as an app broadcast by the router
+    message = room_message_of(bus_event(document), "hall", "r")
+    assert message is not None
+    assert message["data"] == data and message["id"] == "E1"
+    assert message["from"] == {"user_id": None, "connection_id": None}
+    assert room_message_of(bus_event(document), "hall", "other") is None
+    assert room_message_of(bus_event(document), "other", "r") is None
+    assert room_message_of(bus_event(document, "hall_docs"), "hall", "r") is None
+    fields = presence_fields("r", JOIN, member(1))
+    assert member_of(fields["member"], "p9") == Member("c1", "u1", {"n": 1}, "p9")
+    assert member_of({"user_id": "x"}, "p") is None  # no connection id: ignored

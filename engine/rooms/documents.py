@@ -2,7 +2,7 @@
 
 Room documents carry a `kind` and no `message`, so the router (and resumes) never take them
 for app broadcasts. `data` and `info` are stored as JSON text: the bus then takes any JSON a
-client sent (field names with `$` or `.`, integers beyond 64 bits) exactly as sent.
+client sent (field names with `$` or `.`, for instance) exactly as sent.
 """
 
 from __future__ import annotations
