@@ -152,6 +152,7 @@ class MongoDBEngine:
         self.add_app(manifest)
         if self._running:
             await self._sync_watchers()
+            await self.rooms.sync()
         return True
 
     def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:

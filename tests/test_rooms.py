@@ -490,3 +490,30 @@ async def test_python_client_joins_again_and_catches_up_after_a_cut(
         await ann.close()
         await bob.close()
         await proxy.close()
+
+
+async def test_an_app_registered_on_a_running_engine_gets_presence(
+    mongo_uri: str, db: Any, tmp_path: Path
+) -> None:
+    from engine import MongoDBEngine
+    from engine.settings import EngineSettings
+
+    engine = MongoDBEngine(mongo_uri, db.name, settings=EngineSettings(data_dir=tmp_path))
+    await engine.initialize()
+    try:
+        assert engine.rooms.store is None  # no app with rooms yet
+        manifest = json.loads((ROOM_MANIFESTS / "hall.json").read_text())
+        await engine.register_app({**manifest, "slug": "later", "data": {"database": "t_later"}})
+        assert engine.rooms.store is not None
+        assert engine.rooms.store.databases == {"t_later"}
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+        try:
+            entry = await mongo["t_later"]["_mdb_realtime_processes"].find_one(
+                {"_id": engine.origin}
+            )
+            assert entry is not None  # heartbeats there from now on
+        finally:
+            await mongo.drop_database("t_later")
+            await mongo.close()
+    finally:
+        await engine.shutdown()

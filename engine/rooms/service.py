@@ -133,6 +133,7 @@ class Rooms:
         self._manifests: dict[str, Manifest] = {}
         self._databases: dict[str, str] = {}
         self._rooms: dict[tuple[str, str], LocalRoom] = {}
+        self._indexed: set[str] = set()  # databases with the room history index
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -158,16 +159,25 @@ class Rooms:
         histories: Mapping[str, History],
     ) -> None:
         self._client, self.bus, self.histories = client, bus, histories
-        if not self.enabled:
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Presence store and indexes for the databases of every app with rooms (again after
+        an app is registered on a running engine)."""
+        if not self.enabled or self._client is None:
             return
         databases = {self._databases[slug] for slug, _endpoint in self._kinds}
-        self.store = PresenceStore(client, self.origin, self.timing, self.sweep)
-        await self.store.start(databases)
-        for database in databases:
+        if self.store is None:
+            self.store = PresenceStore(self._client, self.origin, self.timing, self.sweep)
+            await self.store.start(databases)
+        else:
+            await self.store.add_databases(databases)
+        for database in databases - self._indexed:
             with contextlib.suppress(PyMongoError):  # room history reads
-                await client[database][BUS_COLLECTION].create_index(
+                await self._client[database][BUS_COLLECTION].create_index(
                     [("app", 1), ("room", 1), ("at", -1)], sparse=True
                 )
+            self._indexed.add(database)
 
     async def stop(self) -> None:
         """Leave every room (members elsewhere see them go), then stop the store."""

@@ -76,9 +76,17 @@ class PresenceStore:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, databases: set[str]) -> None:
-        self.databases = set(databases)
+        await self.add_databases(databases)
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="presence-writer"),
+            asyncio.create_task(self._heartbeat_loop(), name="presence-heartbeat"),
+        ]
+
+    async def add_databases(self, databases: set[str]) -> None:
+        """Keep presence in these databases too (apps registered later may use new ones)."""
+        new = set(databases) - self.databases
         expire = max(1, math.ceil(self.timing.timeout_seconds))
-        for database in self.databases:
+        for database in new:
             with contextlib.suppress(PyMongoError):
                 presence = self.client[database][PRESENCE_COLLECTION]
                 await presence.create_index([("app", 1), ("room", 1)])
@@ -86,11 +94,9 @@ class PresenceStore:
                 await presence.create_index("at", expireAfterSeconds=expire)
                 processes = self.client[database][PROCESSES_COLLECTION]
                 await processes.create_index("at", expireAfterSeconds=expire)
-        await self._heartbeat_once()
-        self._tasks = [
-            asyncio.create_task(self._write_loop(), name="presence-writer"),
-            asyncio.create_task(self._heartbeat_loop(), name="presence-heartbeat"),
-        ]
+        self.databases |= new
+        if new:
+            await self._heartbeat_once()
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Write what is pending (briefly), then stop; this process's entry is removed."""
