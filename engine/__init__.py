@@ -7,8 +7,10 @@ from engine.routing.websockets import (
     WebSocketConnectionManager,
     authenticate_websocket,
     broadcast_to_app,
+    broadcast_to_room,
     create_websocket_endpoint,
     get_message_handler,
+    get_presence,
     get_websocket_manager,
     register_message_handler,
 )
@@ -22,8 +24,10 @@ __all__ = [
     "WebSocketConnectionManager",
     "authenticate_websocket",
     "broadcast_to_app",
+    "broadcast_to_room",
     "create_websocket_endpoint",
     "get_message_handler",
+    "get_presence",
     "get_websocket_manager",
     "register_message_handler",
 ]

@@ -26,7 +26,7 @@ from engine.delivery.view import Binding
 from engine.endpoint import Endpoint, EndpointSettings
 from engine.history import History
 from engine.http_broadcast import add_broadcast_route
-from engine.hub import WebSocketConnectionManager
+from engine.hub import WebSocketConnection, WebSocketConnectionManager
 from engine.identity.providers import DEFAULT_TICKET_TTL_SECONDS, AppIdentity, Identity
 from engine.identity.tickets import TICKET_COLLECTION, TicketStore, add_ticket_route
 from engine.identity.tokens import TokenVerifier
@@ -42,6 +42,7 @@ from engine.pages import add_app_page, mount_static, page_of
 from engine.query import placeholders_in
 from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
+from engine.rooms.service import Rooms
 from engine.settings import DEFAULT_DB_NAME, EngineSettings, mongo_uri_from_env
 from engine.stats import counting
 from engine.transport import TransportAbortMiddleware
@@ -88,6 +89,10 @@ class MongoDBEngine:
         self.router.snapshots = self.recovery.snapshot
         self.origin = uuid.uuid4().hex  # this process on the bus
         self.router.origin = self.origin
+        self.rooms = Rooms(
+            self.origin, self.settings.presence_timing, self.settings.presence_batch_seconds
+        )
+        self.realtime.rooms = self.rooms
         self.bus: Bus | None = None
         self._checkpoints: CheckpointStore | None = None
         self._checkpointing: asyncio.Task[None] | None = None
@@ -118,12 +123,14 @@ class MongoDBEngine:
         )
         await self.bus.start(set(self.router.namespaces()))
         self.realtime.publisher = self.bus.publish
+        await self.rooms.start(self._client, self.bus, self._histories)
         self._checkpointing = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
         logger.info("engine ready on database %r with %d app(s)", self.db_name, len(self._apps))
 
     async def shutdown(self) -> None:
         self._running = False
         self.realtime.publisher = None
+        await self.rooms.stop()  # before the bus stops: members elsewhere see these leave
         if self.bus is not None:
             await self.bus.stop()
             self.bus = None
@@ -160,6 +167,7 @@ class MongoDBEngine:
         self.add_app(manifest)
         if self._running:
             await self._sync_watchers()
+            await self.rooms.sync()
         return True
 
     def add_app(self, manifest: Mapping[str, Any] | Manifest) -> Manifest:
@@ -176,6 +184,7 @@ class MongoDBEngine:
         for warning in parsed.warnings:
             logger.warning("%s", warning)
         self.router.add_app(parsed, self.db_name)
+        self.rooms.add_app(parsed, self.db_name)
         self.realtime.manager(parsed.slug)
         logger.info("registered app %r (%d endpoint(s))", parsed.slug, len(parsed.websockets))
         return parsed
@@ -258,17 +267,25 @@ class MongoDBEngine:
         return mounted
 
     def websocket_endpoint(self, settings: EndpointSettings) -> Endpoint:
-        """An endpoint served by this engine: its connections, tokens, subscriptions, resumes
-        and the changes of the manifest's bindings for (app, endpoint name), if any."""
+        """An endpoint served by this engine: its connections, tokens, subscriptions, rooms,
+        resumes and the changes of the manifest's bindings for (app, endpoint name), if any."""
+        slug, name = settings.app_slug, settings.name
         return Endpoint(
             settings,
             self.realtime,
-            lambda: self.app_identity(settings.app_slug),
-            protocol_handlers=self.router.protocol_handlers(),
+            lambda: self.app_identity(slug),
+            protocol_handlers={
+                **self.router.protocol_handlers(),
+                **self.rooms.protocol_handlers(slug, name),
+            },
             on_connect=self.recovery.on_connect,
-            on_disconnect=self.router.detach,
-            stats=self.metrics.stats.endpoint(settings.app_slug, settings.name),
+            on_disconnect=self._detach,
+            stats=self.metrics.stats.endpoint(slug, name),
         )
+
+    def _detach(self, connection: WebSocketConnection) -> None:
+        self.router.detach(connection)
+        self.rooms.detach(connection)
 
     def register_message_handler(self, slug: str, endpoint: str, handler: MessageHandler) -> None:
         self.realtime.register_handler(slug, endpoint, handler)
@@ -280,6 +297,14 @@ class MongoDBEngine:
         self, slug: str, message: dict[str, Any], user_id: str | None = None
     ) -> int:
         return await self.realtime.broadcast(slug, message, user_id)
+
+    async def broadcast_to_room(self, slug: str, room: str, message: dict[str, Any]) -> str:
+        """Send `message` to the members of a room on every process; the message id."""
+        return await self.rooms.broadcast_to_room(slug, room, message)
+
+    async def get_presence(self, slug: str, room: str) -> list[dict[str, Any]]:
+        """The members of a room with `presence`, on every process."""
+        return await self.rooms.get_presence(slug, room)
 
     def create_app(self, manifests_dir: str | Path | None = None) -> FastAPI:
         """A FastAPI app serving every manifest in `manifests_dir`, with health routes."""
@@ -353,6 +378,7 @@ class MongoDBEngine:
         def route(event: ChangeEvent) -> None:
             history.append(event)
             self.router.route(event)
+            self.rooms.route(event)  # room messages and presence on the bus
 
         return route
 

@@ -99,23 +99,29 @@ class Bus:
 
     def publish(self, app_slug: str, message: Mapping[str, Any], user_id: str | None) -> bool:
         """Queue a broadcast for the other processes; False for an app not served here."""
+        fields = {"user_id": user_id, "message": dict(message)}
+        return self.publish_document(app_slug, fields) is not None
+
+    def publish_document(self, app_slug: str, fields: Mapping[str, Any]) -> ObjectId | None:
+        """Queue any bus document of an app (rooms use their own kinds); its `_id`, or None
+        for an app not served here. Documents without `message` are not app broadcasts."""
         database = self.database_of(app_slug)
         if database is None:
-            return False
+            return None
         if len(self._pending) == self._pending.maxlen:
             self.dropped += 1
             logger.error("bus backlog full: the oldest unpublished broadcast is dropped")
+        document_id = ObjectId()  # fixed before the first try, so a retry cannot publish twice
         document = {
-            "_id": ObjectId(),  # fixed before the first try, so a retry cannot publish twice
+            "_id": document_id,
             "app": app_slug,
-            "user_id": user_id,
-            "message": dict(message),
+            **fields,
             "origin": self.origin,
             "at": dt.datetime.now(dt.UTC),
         }
         self._pending.append((database, document))
         self._wakeup.set()
-        return True
+        return document_id
 
     async def _run(self) -> None:
         while True:

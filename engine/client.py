@@ -38,6 +38,9 @@ from engine.identity.client_tokens import (
     ticket_url,
 )
 from engine.localview import LocalView
+from engine.rooms.clientside import ClientRooms, JoinedRoom, RoomError
+
+__all__ = ["Backoff", "ClientClosed", "NotConnected", "RealtimeClient", "RoomError"]
 
 logger = logging.getLogger("engine.client")
 
@@ -145,6 +148,7 @@ class RealtimeClient:
         self._connected_once: asyncio.Future[dict[str, Any]] | None = None
         self._updated: asyncio.Future[None] | None = None
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]]] = []
+        self._rooms = ClientRooms()
 
     # -- what users call -------------------------------------------------------------------
 
@@ -220,6 +224,50 @@ class RealtimeClient:
     async def unsubscribe(self, sub_id: str) -> None:
         if self._subscriptions.pop(sub_id, None) is not None and self.state == "open":
             await self.send({"type": "unsubscribe", "id": sub_id})
+
+    # -- rooms (SPEC 11; see engine/rooms/clientside.py) -------------------------------------
+
+    async def join(
+        self,
+        room: str,
+        *,
+        info: Mapping[str, Any] | None = None,
+        history: bool = False,
+        on_message: Callback | None = None,
+        on_presence: Callable[..., Awaitable[None] | None] | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Join a room (joined again after reconnects); the `joined` reply. Raises RoomError
+        when refused. `on_message(message)` gets room messages, `on_presence(members, frame)`
+        the members whenever they change."""
+        joined = JoinedRoom(
+            dict(info) if info is not None else None, history, on_message, on_presence
+        )
+        message, reply = self._rooms.join_request(room, joined)
+        return await self._room_request(message, reply, timeout)
+
+    async def leave(self, room: str, timeout: float = 30.0) -> dict[str, Any]:
+        self._rooms.rooms.pop(room, None)
+        message, reply = self._rooms.request({"type": "leave", "room": room})
+        return await self._room_request(message, reply, timeout)
+
+    async def publish(self, room: str, data: Mapping[str, Any], timeout: float = 30.0) -> str:
+        """Publish to a room; the message id."""
+        message, reply = self._rooms.request({"type": "publish", "room": room, "data": dict(data)})
+        return str((await self._room_request(message, reply, timeout))["message_id"])
+
+    def members(self, room: str) -> list[dict[str, Any]]:
+        """The members of a joined room with presence: [{user_id, connection_id, info}]."""
+        joined = self._rooms.rooms.get(room)
+        return list(joined.members.values()) if joined is not None else []
+
+    async def _room_request(
+        self, message: dict[str, Any], reply: asyncio.Future[dict[str, Any]], timeout: float
+    ) -> dict[str, Any]:
+        if self._ws is not None and self.state == "open":
+            with contextlib.suppress(ConnectionClosed):  # sent again once reconnected
+                await self._ws.send(json.dumps(message))
+        return await asyncio.wait_for(reply, timeout)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until `predicate()` holds; it is checked after every message and state change."""
@@ -367,6 +415,9 @@ class RealtimeClient:
             await self._resubscribe(ws, snapshot_only=True)
         else:
             self.view.apply(message)
+            position = await self._rooms.handle(message)
+            if position is not None:
+                self.view.last_event_id = position
         if self._refresher is not None:
             self._refresher.on_message(message)
         await self._emit(str(kind), message)
@@ -386,6 +437,8 @@ class RealtimeClient:
         # With a position the server replays what was missed: subscriptions only narrow again.
         # Without one, snapshots rebuild the views.
         await self._resubscribe(ws, snapshot_only=False)
+        for rejoin in self._rooms.rejoin_messages():
+            await ws.send(json.dumps(rejoin))
         if self._connected_once is not None and not self._connected_once.done():
             self._connected_once.set_result(message)
 
@@ -416,6 +469,7 @@ class RealtimeClient:
 
     async def _stop(self, failure: ClientClosed) -> None:
         self.failure = failure
+        self._rooms.fail_all(failure)
         self._set_state("closed")
         logger.warning("realtime client stopped: %s", failure)
         if self._connected_once is not None and not self._connected_once.done():

@@ -60,6 +60,7 @@ class WebSocketConnection:
     views: dict[str, Any] = field(default_factory=dict)  # collection -> router.View
     pending: Any = None  # router.PendingEvents while being brought up to date
     catch_up: asyncio.Future[None] | None = None  # the resume replay, while it runs
+    rooms: set[str] = field(default_factory=set)  # names of the rooms joined (engine.rooms)
     _expiry: asyncio.TimerHandle | None = None
     _on_close: Callable[[WebSocketConnection, int], None] | None = None
     _closing: asyncio.Task[None] | None = None

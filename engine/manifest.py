@@ -29,6 +29,8 @@ from pydantic_core import PydanticCustomError
 from engine import manifest_compat
 from engine.identity.providers import check_algorithms, check_jwks_url
 from engine.query import QueryError, validate_query
+from engine.rooms.patterns import PatternError, parse_pattern
+from engine.rooms.rules import join_rule_problems
 
 OPERATIONS: tuple[str, ...] = ("insert", "update", "replace", "delete")
 
@@ -264,6 +266,41 @@ def _reject_path_collisions(paths: list[str]) -> None:
                 raise ValueError(f"{path!r} and {other!r} overlap; list only one of them")
 
 
+MAX_ROOM_HISTORY = 1000
+
+
+def _check_room_history(value: int) -> int:
+    if not 0 <= value <= MAX_ROOM_HISTORY:
+        raise ValueError(f"must be between 0 and {MAX_ROOM_HISTORY} messages, got {value}")
+    return value
+
+
+class RoomConfig(BaseModel):
+    """One `rooms` entry of an endpoint (SPEC 11); its key is the room name pattern."""
+
+    model_config = _STRICT
+
+    join: dict[str, Any] | None = None
+    publish: bool = False
+    presence: bool = False
+    history: Annotated[int, AfterValidator(_check_room_history)] = 0
+
+
+def _room_problems(rooms: dict[str, RoomConfig]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for pattern_text, config in rooms.items():
+        try:
+            pattern = parse_pattern(pattern_text)
+        except PatternError as error:
+            problems.append((f"rooms.{pattern_text}", str(error)))
+            continue
+        if config.join is not None:
+            for sub, message in join_rule_problems(config.join, pattern.params):
+                path = ".".join(part for part in (f"rooms.{pattern_text}.join", sub) if part)
+                problems.append((path, message))
+    return problems
+
+
 class WebSocketEndpoint(BaseModel):
     """One WebSocket endpoint of an app, served at /<slug><path>."""
 
@@ -277,6 +314,15 @@ class WebSocketEndpoint(BaseModel):
     watch: dict[CollectionName, WatchBinding] = Field(default_factory=dict)
     # How long a connection ticket of the app lives (mdb-engine 0.15's key); see JwtConfig.
     ticket_ttl_seconds: Annotated[int, AfterValidator(_check_ticket_ttl)] | None = None
+
+    rooms: dict[str, RoomConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _rooms_valid(self) -> WebSocketEndpoint:
+        problems = _room_problems(self.rooms)
+        if problems:
+            raise _problems_error(problems)
+        return self
 
 
 class JwtConfig(BaseModel):
@@ -367,6 +413,17 @@ class Manifest(BaseModel):
             for endpoint in self.websockets.values()
             for collection in endpoint.watch
             if (error := collection_name_error(self.physical_collection(collection)))
+        ]
+        problems += [
+            (
+                f"websockets.{endpoint.name}.rooms.{pattern}.join.collection",
+                f"the physical name {error}",
+            )
+            for endpoint in self.websockets.values()
+            for pattern, room in endpoint.rooms.items()
+            if room.join is not None
+            and isinstance(room.join.get("collection"), str)
+            and (error := collection_name_error(self.physical_collection(room.join["collection"])))
         ]
         if problems:
             raise _problems_error(problems)
@@ -515,6 +572,7 @@ def _model_at(parent: tuple[str | int, ...]) -> type[BaseModel] | None:
         (2, None): WebSocketEndpoint,
         (3, "auth"): EndpointAuth,
         (4, "watch"): WatchBinding,
+        (4, "rooms"): RoomConfig,
     }
     marker = str(parent[2]) if len(parent) > 2 else None
     return shapes.get((len(parent), marker))

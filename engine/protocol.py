@@ -37,6 +37,9 @@ class ErrorCode(StrEnum):
     HANDLER_ERROR = "handler_error"
     RATE_LIMITED = "rate_limited"
     INVALID_TOKEN = "invalid_token"
+    FORBIDDEN_ROOM = "forbidden_room"  # the room's join rule refused this connection
+    UNKNOWN_ROOM = "unknown_room"  # no room pattern of the endpoint matches the name
+    FORBIDDEN_PUBLISH = "forbidden_publish"  # the room takes no messages from this connection
 
 
 # Client message types the engine answers itself; every other type goes to the app's handler.
@@ -44,6 +47,9 @@ PONG = "pong"
 SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
 AUTH = "auth"
+JOIN = "join"  # rooms (SPEC 11), on endpoints that declare `rooms`
+LEAVE = "leave"
+PUBLISH = "publish"
 
 
 def connected_message(
@@ -88,3 +94,50 @@ def stamp_app_message(message: dict[str, Any], app_slug: str) -> dict[str, Any]:
     stamped.setdefault("app_slug", app_slug)
     stamped.setdefault("timestamp", utc_now_iso())
     return stamped
+
+
+# -- rooms (SPEC 11) -------------------------------------------------------------------------
+
+
+def joined_message(
+    ref: Any,
+    room: str,
+    members: list[dict[str, Any]] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "joined", "id": ref, "room": room}
+    if members is not None:
+        message["members"] = members
+    if history is not None:
+        message["history"] = history
+    return message
+
+
+def left_message(ref: Any, room: str) -> dict[str, Any]:
+    return {"type": "left", "id": ref, "room": room}
+
+
+def published_message(ref: Any, message_id: str) -> dict[str, Any]:
+    return {"type": "published", "id": ref, "message_id": message_id}
+
+
+def room_message(
+    room: str,
+    message_id: str,
+    sender: dict[str, Any],
+    data: Any,
+    timestamp: str,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A message to a room's members; `id`, when known, is its resume position (SPEC 6)."""
+    message: dict[str, Any] = {
+        "type": "room_message",
+        "room": room,
+        "message_id": message_id,
+        "from": sender,
+        "data": data,
+        "timestamp": timestamp,
+    }
+    if event_id is not None:
+        message["id"] = event_id
+    return message

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_QUERY_DEPTH",
     "MAX_REGEX_LENGTH",
     "PLACEHOLDER_PATTERN",
+    "ROOM_PLACEHOLDER_PATTERN",
     "Matcher",
     "QueryError",
     "compile_query",
@@ -93,6 +94,11 @@ MAX_QUERY_DEPTH: Final = 100
 # `https://example.com/roles`.
 PLACEHOLDER_PATTERN: Final = re.compile(r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.:/-]+)\Z")
 _PLACEHOLDER_PREFIXES: Final = ("$user.", "$claims.")
+# Room join rules (SPEC 11) may also compare with the room's parameters: $room.<param>.
+ROOM_PLACEHOLDER_PATTERN: Final = re.compile(
+    r"\$(?:user\.(?:id|email)|claims\.[A-Za-z0-9_.-]+|room\.[A-Za-z_][A-Za-z0-9_]*)\Z"
+)
+_ROOM_PLACEHOLDER_PREFIXES: Final = (*_PLACEHOLDER_PREFIXES, "$room.")
 
 # A document with these keys is a DBRef, compared as a value rather than read as operators.
 _DBREF_KEYS: Final = frozenset({"$ref", "$id", "$db"})
@@ -915,8 +921,13 @@ def _is_elem_match_on_values(argument: Mapping[str, Any]) -> bool:
 class _Compiler:
     """Validates a query and builds its predicate in one walk, so errors carry their path."""
 
-    def __init__(self, placeholders: _Placeholders) -> None:
+    def __init__(self, placeholders: _Placeholders, *, room: bool = False) -> None:
         self._placeholders = placeholders
+        self._pattern = ROOM_PLACEHOLDER_PATTERN if room else PLACEHOLDER_PATTERN
+        self._prefixes = _ROOM_PLACEHOLDER_PREFIXES if room else _PLACEHOLDER_PREFIXES
+        self._known = "$user.id, $user.email, $claims.<name>" + (
+            " or $room.<param>" if room else ""
+        )
         self._handlers: dict[str, Callable[[str, Any, str | None, str], Predicate]] = {
             "$eq": self._eq,
             "$ne": self._ne,
@@ -1145,22 +1156,20 @@ class _Compiler:
             self._check_literal(item, item_path, dollar_keys=dollar_keys)
 
     def _check_placeholder(self, text: str, path: str) -> None:
-        if self._placeholders is _Placeholders.LITERAL or not text.startswith(
-            _PLACEHOLDER_PREFIXES
-        ):
+        if self._placeholders is _Placeholders.LITERAL or not text.startswith(self._prefixes):
             return
         if self._placeholders is _Placeholders.REJECT:
             message = f"placeholder {text} is not allowed here (only a scope may use placeholders)"
             raise QueryError(message, path)
-        if PLACEHOLDER_PATTERN.match(text) is None:
-            message = f"{text} is not a placeholder: use $user.id, $user.email or $claims.<name>"
+        if self._pattern.match(text) is None:
+            message = f"{text} is not a placeholder: use {self._known}"
             raise QueryError(message, path)
 
     def _check_not_placeholder(self, value: Any, op: str, path: str) -> None:
         if (
             self._placeholders is not _Placeholders.LITERAL
             and isinstance(value, str)
-            and value.startswith(_PLACEHOLDER_PREFIXES)
+            and value.startswith(self._prefixes)
         ):
             raise QueryError(f"placeholders cannot be used in {op}", path)
 
@@ -1177,69 +1186,77 @@ class _NoValue(Exception):
 _LITERAL_OPERATORS: Final = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin"})
 
 
-def _is_placeholder(value: Any) -> bool:
-    return isinstance(value, str) and PLACEHOLDER_PATTERN.match(value) is not None
+def _is_placeholder(value: Any, pattern: re.Pattern[str] = PLACEHOLDER_PATTERN) -> bool:
+    return isinstance(value, str) and pattern.match(value) is not None
 
 
-def _map_query(query: Mapping[str, Any], replace: Callable[[str], Any]) -> dict[str, Any]:
+def _map_query(
+    query: Mapping[str, Any],
+    replace: Callable[[str], Any],
+    pattern: re.Pattern[str] = PLACEHOLDER_PATTERN,
+) -> dict[str, Any]:
     """A copy of `query` with `replace` applied to each placeholder where a value is compared."""
     result: dict[str, Any] = {}
     for key, value in query.items():
         if key in _LOGICAL_OPERATORS and isinstance(value, _ARRAYS):
             result[key] = [
-                _map_query(item, replace) if isinstance(item, Mapping) else item for item in value
+                _map_query(item, replace, pattern) if isinstance(item, Mapping) else item
+                for item in value
             ]
         elif isinstance(key, str) and key.startswith("$"):
             result[key] = value
         else:
-            result[key] = _map_field(value, replace)
+            result[key] = _map_field(value, replace, pattern)
     return result
 
 
-def _map_field(value: Any, replace: Callable[[str], Any]) -> Any:
+def _map_field(value: Any, replace: Callable[[str], Any], pattern: re.Pattern[str]) -> Any:
     if _is_operator_document(value):
-        return _map_operators(value, replace)
-    if _is_placeholder(value):
+        return _map_operators(value, replace, pattern)
+    if _is_placeholder(value, pattern):
         replaced = replace(value)
         # A document or regex standing alone would read as operators or a pattern: keep it data.
         is_data = isinstance(replaced, Mapping) or _is_regex(replaced)
         return {"$eq": replaced} if is_data else replaced
-    return _map_literal(value, replace)
+    return _map_literal(value, replace, pattern)
 
 
-def _map_operators(spec: Mapping[str, Any], replace: Callable[[str], Any]) -> dict[str, Any]:
+def _map_operators(
+    spec: Mapping[str, Any], replace: Callable[[str], Any], pattern: re.Pattern[str]
+) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for op, argument in spec.items():
-        if op in ("$in", "$nin") and _is_placeholder(argument):
+        if op in ("$in", "$nin") and _is_placeholder(argument, pattern):
             values = replace(argument)  # a claim with one value stands for a list of one
             result[op] = list(values) if isinstance(values, _ARRAYS) else [values]
         elif op in _LITERAL_OPERATORS:
-            result[op] = _map_literal(argument, replace)
+            result[op] = _map_literal(argument, replace, pattern)
         elif op == "$all" and isinstance(argument, _ARRAYS):
-            result[op] = [_map_field(item, replace) for item in argument]
+            result[op] = [_map_field(item, replace, pattern) for item in argument]
         elif op == "$not" and isinstance(argument, Mapping):
-            result[op] = _map_operators(argument, replace)
+            result[op] = _map_operators(argument, replace, pattern)
         elif op == "$elemMatch" and isinstance(argument, Mapping):
             on_values = _is_elem_match_on_values(argument)
             mapper = _map_operators if on_values else _map_query
-            result[op] = mapper(argument, replace)
+            result[op] = mapper(argument, replace, pattern)
         else:
             result[op] = argument
     return result
 
 
-def _map_literal(value: Any, replace: Callable[[str], Any]) -> Any:
+def _map_literal(value: Any, replace: Callable[[str], Any], pattern: re.Pattern[str]) -> Any:
     if isinstance(value, str):
-        return replace(value) if _is_placeholder(value) else value
+        return replace(value) if _is_placeholder(value, pattern) else value
     if isinstance(value, _ARRAYS):
-        return [_map_literal(item, replace) for item in value]
+        return [_map_literal(item, replace, pattern) for item in value]
     if isinstance(value, Mapping) and not isinstance(value, DBRef):
-        return {key: _map_literal(item, replace) for key, item in value.items()}
+        return {key: _map_literal(item, replace, pattern) for key, item in value.items()}
     return value
 
 
-def placeholders_in(query: Mapping[str, Any]) -> set[str]:
-    """The placeholders ($user.id, $user.email, $claims.<name>) a query compares with."""
+def placeholders_in(query: Mapping[str, Any], *, room: bool = False) -> set[str]:
+    """The placeholders ($user.id, $user.email, $claims.<name>; with `room`, also
+    $room.<param>) a query compares with."""
     found: set[str] = set()
 
     def record(text: str) -> str:
@@ -1247,19 +1264,20 @@ def placeholders_in(query: Mapping[str, Any]) -> set[str]:
         return text
 
     _check_depth(query)
-    _map_query(query, record)
+    _map_query(query, record, ROOM_PLACEHOLDER_PATTERN if room else PLACEHOLDER_PATTERN)
     return found
 
 
 def substitute_placeholders(
-    query: Mapping[str, Any], values: Mapping[str, Any]
+    query: Mapping[str, Any], values: Mapping[str, Any], *, room: bool = False
 ) -> dict[str, Any] | None:
     """A copy of `query` with each placeholder replaced by values[placeholder].
 
     `values` is keyed by the placeholder itself ("$user.id", "$claims.team"). Returns None when
     a placeholder has no value (missing key or None): such a query matches nothing, which is
     how anonymous connections never match a scoped binding. A value that is a document is
-    compared as data, never read as operators.
+    compared as data, never read as operators. With `room`, $room.<param> placeholders are
+    replaced too (room join rules).
     """
 
     def lookup(text: str) -> Any:
@@ -1270,7 +1288,7 @@ def substitute_placeholders(
 
     _check_depth(query)
     try:
-        return _map_query(query, lookup)
+        return _map_query(query, lookup, ROOM_PLACEHOLDER_PATTERN if room else PLACEHOLDER_PATTERN)
     except _NoValue:
         return None
 
@@ -1302,19 +1320,22 @@ class Matcher:
 _MATCH_EVERYTHING: Final = Matcher(_always, MappingProxyType({}), matches_everything=True)
 
 
-def validate_query(query: object, *, allow_placeholders: bool = False) -> None:
+def validate_query(
+    query: object, *, allow_placeholders: bool = False, room_placeholders: bool = False
+) -> None:
     """Raise QueryError if `query` is not a valid query under the operator whitelist.
 
     With `allow_placeholders`, string values $user.id, $user.email and $claims.<name> are
     allowed where a value is compared, and any other value starting with "$user." or
     "$claims." is an error. Without it, every such value is an error: placeholders only make
-    sense in a scope. None, like {}, is the query that matches everything.
+    sense in a scope. With `room_placeholders` (room join rules), $room.<param> is allowed as
+    well. None, like {}, is the query that matches everything.
     """
     if query is None:
         return
     _check_depth(query)
-    mode = _Placeholders.ALLOW if allow_placeholders else _Placeholders.REJECT
-    _Compiler(mode).query(query, "")
+    mode = _Placeholders.ALLOW if allow_placeholders or room_placeholders else _Placeholders.REJECT
+    _Compiler(mode, room=room_placeholders).query(query, "")
 
 
 def compile_query(query: Mapping[str, Any] | None) -> Matcher:

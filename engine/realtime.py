@@ -70,6 +70,7 @@ class Realtime:
         self.owner: Any = None  # the MongoDBEngine using this state, once one does
         # Set by a running engine: carries broadcasts to the other processes (the bus).
         self.publisher: Callable[[str, dict[str, Any], str | None], object] | None = None
+        self.rooms: Any = None  # engine.rooms.service.Rooms of the engine that owns this state
 
     def manager(self, app_slug: str) -> WebSocketConnectionManager:
         manager = self._managers.get(app_slug)

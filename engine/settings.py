@@ -22,6 +22,8 @@ from engine.identity.providers import (
 from engine.identity.tokens import DEFAULT_ALGORITHMS, TokenVerifier, resolve_secret
 from engine.limits import ClientLimits
 from engine.recovery import DEFAULT_SNAPSHOT_LIMIT
+from engine.rooms.service import DEFAULT_BATCH_SECONDS
+from engine.rooms.store import PresenceTiming
 
 DEFAULT_DATA_DIR = ".mdb-realtime"
 DEFAULT_DB_NAME = "mdb_realtime"
@@ -36,16 +38,6 @@ def mongo_uri_from_env(environ: Mapping[str, str] | None = None) -> str | None:
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
 def provider_from_env(env: Mapping[str, str]) -> ProviderConfig:
@@ -79,6 +71,37 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value > minimum:
+        raise ValueError(f"{name} must be more than {minimum:g}, got {raw!r}")
+    return value
+
+
+def _presence_timing(env: Mapping[str, str]) -> PresenceTiming:
+    defaults = PresenceTiming()
+    timing = PresenceTiming(
+        heartbeat_seconds=_float(
+            env, "MDB_REALTIME_PRESENCE_HEARTBEAT_SECONDS", defaults.heartbeat_seconds
+        ),
+        timeout_seconds=_float(
+            env, "MDB_REALTIME_PRESENCE_TIMEOUT_SECONDS", defaults.timeout_seconds
+        ),
+    )
+    if timing.timeout_seconds <= timing.heartbeat_seconds:
+        raise ValueError(
+            "MDB_REALTIME_PRESENCE_TIMEOUT_SECONDS must be longer than the heartbeat "
+            f"({timing.heartbeat_seconds:g} s); three heartbeats is a good choice"
+        )
+    return timing
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Settings shared by every app an engine serves."""
@@ -94,6 +117,8 @@ class EngineSettings:
     client_limits: ClientLimits = field(default_factory=ClientLimits)
     provider: ProviderConfig = field(default_factory=ProviderConfig)  # tokens from a JWKS URL
     jwks_timing: JwksTiming = field(default_factory=JwksTiming)
+    presence_timing: PresenceTiming = field(default_factory=PresenceTiming)
+    presence_batch_seconds: float = DEFAULT_BATCH_SECONDS  # presence frames per interval
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
@@ -135,6 +160,11 @@ class EngineSettings:
                     env, "MDB_REALTIME_JWKS_MAX_AGE_SECONDS", DEFAULT_MAX_AGE_SECONDS
                 ),
             ),
+            presence_timing=_presence_timing(env),
+            presence_batch_seconds=_float(
+                env, "MDB_REALTIME_PRESENCE_BATCH_MS", DEFAULT_BATCH_SECONDS * 1000
+            )
+            / 1000,
             queue_limits=QueueLimits(
                 max_messages=_int(env, "MDB_REALTIME_QUEUE_MAX_MESSAGES", QueueLimits.max_messages),
                 max_bytes=_int(env, "MDB_REALTIME_QUEUE_MAX_BYTES", QueueLimits.max_bytes),

@@ -132,8 +132,38 @@ async def test_page_catches_up_after_losing_its_socket(
         await page.wait_for_selector('#todos li[data-id="seen"]', state="detached", timeout=5_000)
         assert await page.locator('#todos li[data-id="before"]').count() == 1
         assert await page.inner_text("#status") == "live"
+        # The page joined its presence room again, on the new connection.
+        await page.wait_for_function(
+            "window.realtime.members('page').map(m => m.connection_id).join() === "
+            "window.realtime.connected.connection_id",
+            timeout=10_000,
+        )
     finally:
         await proxy.close()
+
+
+async def test_two_pages_see_who_is_looking_and_one_leaving(
+    page: Any, demo_app: RunningApp
+) -> None:
+    """The demo's "page" room tracks presence: each tab lists the others, live (SPEC 11)."""
+    await open_demo(page, demo_app.server.url, "ann")
+    await page.wait_for_selector('#viewers li:has-text("ann (you)")', timeout=10_000)
+    context = await page.context.browser.new_context()  # a second browser window
+    other = await context.new_page()
+    try:
+        await open_demo(other, demo_app.server.url, "bob")
+        await page.wait_for_selector('#viewers li:has-text("bob")', timeout=10_000)
+        await other.wait_for_selector('#viewers li:has-text("ann")', timeout=10_000)
+        assert await other.inner_text('#viewers li:has-text("bob")') == "bob (you)"
+        members = await page.evaluate("window.realtime.members('page').map(m => m.user_id).sort()")
+        assert members == ["ann", "bob"]
+        # The page's room takes no client messages: the promise rejects with the code.
+        refused = await page.evaluate("window.realtime.publish('page', {x: 1}).catch(e => e.code)")
+        assert refused == "forbidden_publish"
+    finally:
+        await context.close()
+    await page.wait_for_selector('#viewers li:has-text("bob")', state="detached", timeout=15_000)
+    assert await page.locator("#viewers li").count() == 1
 
 
 async def test_page_without_token_asks_for_one(page: Any, demo_app: RunningApp) -> None:

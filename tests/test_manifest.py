@@ -132,6 +132,7 @@ def test_to_document_fills_every_default() -> None:
                         "scope": None,
                     }
                 },
+                "rooms": {},
             }
         },
         "data": {"database": None, "collection_prefix": None},
@@ -747,7 +748,7 @@ def test_validate_reports_one_line_per_problem(
     assert capsys.readouterr().out.splitlines() == [
         f"{bad}: {EP}.ping_interval: must be between 5 and 300 seconds, got 2",
         f"{bad}: {EP}.foo: unknown key; expected one of: auth, description, path, "
-        "ping_interval, ticket_ttl_seconds, watch",
+        "ping_interval, rooms, ticket_ttl_seconds, watch",
         f"{broken}: $: invalid JSON at line 1 column 14: Expecting property name enclosed "
         "in double quotes",
     ]

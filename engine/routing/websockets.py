@@ -24,8 +24,10 @@ __all__ = [
     "WebSocketConnectionManager",
     "authenticate_websocket",
     "broadcast_to_app",
+    "broadcast_to_room",
     "create_websocket_endpoint",
     "get_message_handler",
+    "get_presence",
     "get_websocket_manager",
     "register_message_handler",
 ]
@@ -45,6 +47,26 @@ async def broadcast_to_app(
 ) -> int:
     """Send `message` to the app's clients (or one user's); the connections reached here."""
     return await default_realtime().broadcast(app_slug, message, user_id)
+
+
+async def broadcast_to_room(app_slug: str, room: str, message: dict[str, Any]) -> str:
+    """Send `message` to the members of a room on every engine process (SPEC 11); the
+    message id. Members get it as the `data` of a `room_message`."""
+    return str(await _rooms().broadcast_to_room(app_slug, room, message))
+
+
+async def get_presence(app_slug: str, room: str) -> list[dict[str, Any]]:
+    """The members of a room with `presence`, on every engine process: [{user_id,
+    connection_id, info}], one entry per connection."""
+    members: list[dict[str, Any]] = await _rooms().get_presence(app_slug, room)
+    return members
+
+
+def _rooms() -> Any:
+    rooms = default_realtime().rooms
+    if rooms is None:
+        raise RuntimeError("no engine is running: create a MongoDBEngine and initialize it")
+    return rooms
 
 
 def register_message_handler(app_slug: str, endpoint_name: str, handler: MessageHandler) -> None:

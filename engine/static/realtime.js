@@ -11,6 +11,8 @@
 // `resync_required`, subscriptions made with `snapshot: true` ask for a snapshot to rebuild
 // the local view. The Python client (engine/client.py) follows the same rules.
 
+import { ClientRooms } from "./rooms.js";
+
 const POLICY_VIOLATION = 1008; // the server refused the token
 const TOKEN_EXPIRED = "token expired";
 // Refusals a fresh token (or ticket) from getToken can cure: the client reconnects.
@@ -125,6 +127,28 @@ export class RealtimeClient {
     this._timer = null;
     this._attempt = 0;
     this._closing = false;
+    this._rooms = new ClientRooms((message) => this.send(message), (kind, message) => this.#emit(kind, message));
+  }
+
+  // -- rooms (SPEC 11; see rooms.js) ---------------------------------------------------------
+
+  /** Join a room (joined again after reconnects); resolves with `joined`, rejects with a RoomError. */
+  join(room, options = {}) {
+    return this._rooms.join(room, options);
+  }
+
+  leave(room) {
+    return this._rooms.leave(room);
+  }
+
+  /** Publish to a room; resolves with the message id. */
+  publish(room, data) {
+    return this._rooms.publish(room, data);
+  }
+
+  /** The members of a joined room with presence: [{user_id, connection_id, info}]. */
+  members(room) {
+    return this._rooms.members(room);
   }
 
   get lastEventId() {
@@ -262,6 +286,8 @@ export class RealtimeClient {
     } else {
       const collection = this.view.apply(message);
       if (collection !== null) this.#emit("view", { type: "view", collection });
+      const position = this._rooms.handle(message);
+      if (position !== null) this.view.lastEventId = position;
     }
     this.#emit(message.type, message);
     this.#emit("*", message);
@@ -274,6 +300,7 @@ export class RealtimeClient {
     // With a position the server replays what was missed: subscriptions only narrow again.
     // Without one, snapshots rebuild the views.
     this.#resubscribe(socket, false);
+    this._rooms.rejoin();
   }
 
   #resubscribe(socket, snapshotOnly) {

@@ -18,7 +18,9 @@ from engine import (
     MongoDBEngine,
     WebSocketConnection,
     broadcast_to_app,
+    broadcast_to_room,
     create_websocket_endpoint,
+    get_presence,
     get_websocket_manager,
     register_message_handler,
 )
@@ -88,6 +90,21 @@ def build() -> FastAPI:
             if seq % 10 == 0:  # a fast producer (~5,000/s), but one that readers can follow
                 await asyncio.sleep(0.002)
         return {"reached": reached}
+
+    @app.post("/_test/room_broadcast")
+    async def room_broadcast(body: dict[str, Any]) -> dict[str, str]:
+        message_id = await broadcast_to_room(body["slug"], body["room"], body["message"])
+        return {"message_id": message_id}
+
+    @app.get("/_test/presence/{slug}")
+    async def presence(slug: str, room: str) -> dict[str, list[dict[str, Any]]]:
+        return {"members": await get_presence(slug, room)}
+
+    @app.get("/_test/rooms/{slug}")
+    async def rooms_of_connections(slug: str) -> dict[str, list[list[str]]]:
+        """The rooms each connection is in, as handlers see them (`connection.rooms`)."""
+        manager = await get_websocket_manager(slug)
+        return {"rooms": [sorted(c.rooms) for c in manager.active_connections]}
 
     @app.get("/_test/sinks/{slug}")
     async def sinks(slug: str) -> dict[str, list[str]]:
