@@ -29,6 +29,7 @@ __all__ = [
     "get_message_handler",
     "get_presence",
     "get_websocket_manager",
+    "get_websocket_manager_sync",
     "register_message_handler",
 ]
 
