@@ -279,11 +279,13 @@ export class RealtimeClient {
     } else if (message.type === "connected") {
       this.#opened(socket, message);
       this._identity.opened();
-    } else if (message.type === "auth_ok" || message.type === "error") {
+    } else if (message.type === "auth_ok") {
       this._identity.answered(message);
     } else if (message.type === "resync_required") {
       this.#resubscribe(socket, true);
     } else {
+      // An error may answer a token refresh, a room request or a subscription.
+      if (message.type === "error") this._identity.answered(message);
       const collection = this.view.apply(message);
       if (collection !== null) this.#emit("view", { type: "view", collection });
       const position = this._rooms.handle(message);
