@@ -20,7 +20,6 @@ from pymongo.errors import PyMongoError
 
 from engine.auth import TokenVerifier
 from engine.bus import Bus
-from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
 from engine.delivery.router import Router
 from engine.delivery.view import Binding
@@ -35,6 +34,7 @@ from engine.realtime import MessageHandler, Realtime, claim_realtime
 from engine.recovery import Recovery
 from engine.settings import DEFAULT_DB_NAME, EngineSettings
 from engine.stats import counting
+from engine.transactions import Unit
 from engine.transport import TransportAbortMiddleware
 from engine.watcher import Watcher, enable_pre_images
 
@@ -308,8 +308,8 @@ class MongoDBEngine:
             elif watcher.collections != collections:
                 await watcher.watch(collections)
 
-    def _sink(self, history: History) -> Callable[[ChangeEvent], None]:
-        def route(event: ChangeEvent) -> None:
+    def _sink(self, history: History) -> Callable[[Unit], None]:
+        def route(event: Unit) -> None:
             history.append(event)
             self.router.route(event)
 

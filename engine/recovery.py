@@ -16,13 +16,14 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 
 from engine import codec
-from engine.changes import ChangeEvent, project
+from engine.changes import project
 from engine.delivery.router import Router
 from engine.delivery.view import Binding, Subscription, View
 from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.protocol import ErrorCode, error_message
 from engine.query import substitute_placeholders
+from engine.transactions import Unit
 from engine.watcher import Watcher
 
 logger = logging.getLogger("engine.recovery")
@@ -88,15 +89,13 @@ class Recovery:
         target = history.last_id if history is not None else None
         return self._replay_database(connection, watcher, last_event_id, target)
 
-    async def _send_paced(self, connection: WebSocketConnection, event: ChangeEvent) -> None:
+    async def _send_paced(self, connection: WebSocketConnection, event: Unit) -> None:
         for frame in self.router.frames_for(connection, event):
             await connection.send_paced(frame)
 
-    async def _replay_memory(
-        self, connection: WebSocketConnection, missed: list[ChangeEvent]
-    ) -> None:
+    async def _replay_memory(self, connection: WebSocketConnection, missed: list[Unit]) -> None:
         try:
-            for event in missed:
+            for event in missed:  # changes and whole transactions
                 await self._send_paced(connection, event)
             _count_resume(connection)
             self.on_resume("memory")

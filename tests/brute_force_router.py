@@ -1,19 +1,23 @@
-"""The reference for routing: every change asks every view of its endpoint, every broadcast
-visits every connection of its app. The indexed `Router` must deliver exactly what this does."""
+"""The reference for routing: every change (alone or in a transaction) asks every view of its
+endpoint, every broadcast visits every connection of its app. The indexed `Router` must
+deliver exactly what this does."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from engine import codec
 from engine.bus import parse_bus_document
 from engine.changes import ChangeEvent
 from engine.delivery.router import Router
 from engine.delivery.view import Binding, Decision
+from engine.hub import WebSocketConnection
 
 
 class BruteForceRouter(Router):
-    def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
-        frames: dict[Decision, str] = {}
-        queued = 0
+    def _decisions(
+        self, event: ChangeEvent, binding: Binding
+    ) -> Iterator[tuple[WebSocketConnection, Decision]]:
         members = self._members.get(binding.app_slug)
         for connection in members.all() if members is not None else []:
             view = connection.views.get(binding.collection)
@@ -22,14 +26,8 @@ class BruteForceRouter(Router):
             if connection.pending is not None:
                 continue  # held by Router._hold_event
             decision = view.decide(event)
-            if decision is None:
-                continue
-            frame = frames.get(decision)
-            if frame is None:
-                frame = frames[decision] = self._encode(event, binding, decision)
-            if connection.send(frame):
-                queued += 1
-        return queued
+            if decision is not None:
+                yield connection, decision
 
     def _route_broadcast(self, event: ChangeEvent) -> int:
         published = parse_bus_document(event.document or {})

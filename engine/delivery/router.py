@@ -10,8 +10,8 @@ Broadcasts from the bus reach an app's connections, or one user's, through `Memb
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
 
 from engine import codec, protocol
 from engine.bus import BUS_COLLECTION, parse_bus_document
@@ -24,6 +24,7 @@ from engine.hub import WebSocketConnection
 from engine.manifest import Manifest
 from engine.protocol import ErrorCode
 from engine.query import Matcher, QueryError, compile_query, substitute_placeholders
+from engine.transactions import Transaction, Unit, transaction_message
 
 logger = logging.getLogger("engine.router")
 
@@ -31,14 +32,23 @@ ProtocolHandler = Callable[["WebSocketConnection", dict[str, Any]], "Awaitable[N
 SnapshotHandler = Callable[["WebSocketConnection", "View", "Subscription"], "Awaitable[None]"]
 
 
+class Part(NamedTuple):
+    """One change of a transaction as one connection gets it."""
+
+    position: int  # in the transaction
+    binding: Binding
+    decision: Decision
+
+
 class PendingEvents:
     """Events held back for a connection while it is being brought up to date."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[Binding | None, ChangeEvent]] = []  # None: a broadcast
+        # binding None: a broadcast, or a whole transaction
+        self.items: list[tuple[Binding | None, Unit]] = []
         self.ids: set[str] = set()
 
-    def add(self, binding: Binding | None, event: ChangeEvent) -> None:
+    def add(self, binding: Binding | None, event: Unit) -> None:
         self.items.append((binding, event))
         self.ids.add(event.event_id)
 
@@ -153,28 +163,33 @@ class Router:
 
     # -- events ----------------------------------------------------------------------------
 
-    def route(self, event: ChangeEvent) -> int:
-        """Queue `event` for every connection that may see it; the number of frames queued."""
+    def route(self, event: Unit) -> int:
+        """Queue a change or a whole transaction for every connection that may see it; the
+        number of frames queued."""
+        if isinstance(event, Transaction):
+            return self._route_transaction(event)
         if event.collection == BUS_COLLECTION:
             return self._route_broadcast(event)
         bindings = self._by_namespace.get((event.database, event.collection))
         if not bindings:
             return 0
         queued = 0
-        for binding in bindings:
-            if event.operation not in binding.operations:
-                continue
-            if not _app_id_allowed(event, binding.app_slug):
-                continue
+        for binding in self._bindings_for(event):
             self._hold_event((binding.app_slug, binding.endpoint), event, binding)
             queued += self._dispatch(event, binding)
         return queued
 
     def _hold_event(
-        self, key: tuple[str, str], event: ChangeEvent, binding: Binding | None, user: Any = None
+        self,
+        key: tuple[str, str],
+        event: Unit,
+        binding: Binding | None,
+        user: Any = None,
+        whole: Binding | None = None,
     ) -> None:
         """Add the event to the held connections of an endpoint that it concerns: those with a
-        view of the binding, or for a broadcast (binding None) those of its user if it has one.
+        view of the binding, or for a broadcast (binding None) those of its user if it has one;
+        a transaction (`whole`: one of its bindings there) goes to all of the endpoint's.
         Each decides once released, as it would have live."""
         held = self._held.get(key)
         if not held:
@@ -184,6 +199,8 @@ class Router:
                 del held[connection_key]  # released since
             elif connection.closing:
                 continue
+            elif whole is not None:
+                connection.pending.add(None, event)
             elif binding is None:
                 if user is None or connection.user_id == user:
                     connection.pending.add(None, event)
@@ -193,18 +210,9 @@ class Router:
             del self._held[key]
 
     def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
-        index = self._indexes[binding]
         frames: dict[Decision, str] = {}
         queued = 0
-        if index.everyone:
-            queued += self._send_to_group(event, binding, index.everyone, frames)
-        for view in index.candidates(event):
-            connection = view.owner
-            if connection is None or connection.closing or connection.pending is not None:
-                continue
-            decision = view.decide(event)
-            if decision is None:
-                continue
+        for connection, decision in self._decisions(event, binding):
             frame = frames.get(decision)
             if frame is None:
                 frame = frames[decision] = self._encode(event, binding, decision)
@@ -212,28 +220,77 @@ class Router:
                 queued += 1
         return queued
 
-    def _send_to_group(
-        self,
-        event: ChangeEvent,
-        binding: Binding,
-        group: Iterable[View],
-        frames: dict[Decision, str],
-    ) -> int:
-        """Views that see everything of the binding: one decision and one frame for all."""
-        frame: str | None = None
-        queued = 0
-        for view in list(group):
+    def _decisions(
+        self, event: ChangeEvent, binding: Binding
+    ) -> Iterator[tuple[WebSocketConnection, Decision]]:
+        """Each live connection the event concerns, with what it gets."""
+        index = self._indexes[binding]
+        if index.everyone:
+            # Views that see everything of the binding: one decision for all of them.
+            group_decision: Decision | None = None
+            for view in list(index.everyone):
+                connection = view.owner
+                if connection is None or connection.closing or connection.pending is not None:
+                    continue
+                if group_decision is None:
+                    group_decision = view.decide(event)
+                    if group_decision is None:
+                        break
+                yield connection, group_decision
+        for view in index.candidates(event):
             connection = view.owner
             if connection is None or connection.closing or connection.pending is not None:
                 continue
+            decision = view.decide(event)
+            if decision is not None:
+                yield connection, decision
+
+    def _bindings_for(self, event: ChangeEvent) -> list[Binding]:
+        """The bindings an event of a bound collection reaches (operation, app_id)."""
+        return [
+            binding
+            for binding in self._by_namespace.get((event.database, event.collection), ())
+            if event.operation in binding.operations and _app_id_allowed(event, binding.app_slug)
+        ]
+
+    def _route_transaction(self, transaction: Transaction) -> int:
+        """One frame per connection with the parts of the transaction it may see."""
+        parts: dict[int, tuple[WebSocketConnection, list[Part]]] = {}
+        held_endpoints: dict[tuple[str, str], Binding] = {}
+        queued = 0
+        for position, event in enumerate(transaction.events):
+            if event.collection == BUS_COLLECTION:
+                queued += self._route_broadcast(event)
+                continue
+            for binding in self._bindings_for(event):
+                held_endpoints.setdefault((binding.app_slug, binding.endpoint), binding)
+                for connection, decision in self._decisions(event, binding):
+                    entry = parts.setdefault(id(connection), (connection, []))
+                    entry[1].append(Part(position, binding, decision))
+        for key, binding in held_endpoints.items():
+            self._hold_event(key, transaction, None, whole=binding)
+        frames: dict[tuple[Part, ...], str] = {}
+        for connection, visible in parts.values():
+            signature = tuple(visible)
+            frame = frames.get(signature)
             if frame is None:
-                decision = view.decide(event)
-                if decision is None:
-                    return 0
-                frame = frames[decision] = self._encode(event, binding, decision)
+                frame = frames[signature] = self._encode_parts(transaction, visible)
             if connection.send(frame):
                 queued += 1
         return queued
+
+    def _encode_parts(self, transaction: Transaction, parts: list[Part]) -> str:
+        """A plain `change` when one part is visible, else a `transaction` frame; either way
+        every id is the transaction's own position (the only one it has)."""
+        changes = []
+        for part in parts:
+            event = transaction.events[part.position]
+            message = self._change(event, part.binding, part.decision)
+            message["id"] = transaction.event_id
+            changes.append(message)
+        if len(changes) == 1:
+            return codec.dumps(changes[0])
+        return codec.dumps(transaction_message(transaction.event_id, changes))
 
     def _route_broadcast(self, event: ChangeEvent) -> int:
         published = parse_bus_document(event.document or {})
@@ -256,8 +313,11 @@ class Router:
                 queued += 1
         return queued
 
-    def frames_for(self, connection: WebSocketConnection, event: ChangeEvent) -> list[str]:
-        """The frames one connection gets for one event (replays of history)."""
+    def frames_for(self, connection: WebSocketConnection, event: Unit) -> list[str]:
+        """The frames one connection gets for one event or transaction (replays of history)."""
+        if isinstance(event, Transaction):
+            frame = self.frame_for(connection, None, event)
+            return [frame] if frame is not None else []
         if event.collection == BUS_COLLECTION:
             frame = self.frame_for(connection, None, event)
             return [frame] if frame is not None else []
@@ -275,8 +335,10 @@ class Router:
         return frames
 
     def frame_for(
-        self, connection: WebSocketConnection, binding: Binding | None, event: ChangeEvent
+        self, connection: WebSocketConnection, binding: Binding | None, event: Unit
     ) -> str | None:
+        if isinstance(event, Transaction):
+            return self._transaction_frame_for(connection, event)
         if binding is None:  # a broadcast from the bus; replays include this process's own
             published = parse_bus_document(event.document or {})
             if (
@@ -292,9 +354,32 @@ class Router:
             return None
         return self._encode(event, binding, decision)
 
+    def _transaction_frame_for(
+        self, connection: WebSocketConnection, transaction: Transaction
+    ) -> str | None:
+        parts: list[Part] = []
+        for position, event in enumerate(transaction.events):
+            if event.collection == BUS_COLLECTION:
+                continue  # broadcasts are never written inside transactions by the engine
+            for binding in self._bindings_for(event):
+                if (binding.app_slug, binding.endpoint) != (
+                    connection.app_slug,
+                    connection.endpoint,
+                ):
+                    continue
+                view = connection.views.get(binding.collection)
+                decision = view.decide(event) if view is not None else None
+                if decision is not None:
+                    parts.append(Part(position, binding, decision))
+        return self._encode_parts(transaction, parts) if parts else None
+
+    @classmethod
+    def _encode(cls, event: ChangeEvent, binding: Binding, decision: Decision) -> str:
+        return codec.dumps(cls._change(event, binding, decision))
+
     @staticmethod
-    def _encode(event: ChangeEvent, binding: Binding, decision: Decision) -> str:
-        message = change_message(
+    def _change(event: ChangeEvent, binding: Binding, decision: Decision) -> dict[str, Any]:
+        return change_message(
             event,
             app_slug=binding.app_slug,
             endpoint=binding.endpoint,
@@ -304,7 +389,6 @@ class Router:
             reason=decision.reason,
             describe_update=decision.describe_update,
         )
-        return codec.dumps(message)
 
     # -- subscribe / unsubscribe -----------------------------------------------------------
 
