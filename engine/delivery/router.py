@@ -18,8 +18,15 @@ from engine.bus import BUS_COLLECTION, parse_bus_document
 from engine.changes import ChangeEvent, change_message
 from engine.delivery.index import RecipientIndex
 from engine.delivery.members import Members
-from engine.delivery.subscriptions import drop_subscription, parse_subscribe, send_error, valid_id
+from engine.delivery.subscriptions import (
+    WindowRequest,
+    drop_subscription,
+    parse_subscribe,
+    send_error,
+    valid_id,
+)
 from engine.delivery.view import DEFAULT_KNOWN_IDS_LIMIT, Binding, Decision, Subscription, View
+from engine.delivery.window_groups import Windows
 from engine.hub import WebSocketConnection
 from engine.manifest import Manifest
 from engine.protocol import ErrorCode
@@ -27,6 +34,8 @@ from engine.query import Matcher, QueryError, compile_query, substitute_placehol
 from engine.transactions import Transaction, Unit, transaction_message
 
 logger = logging.getLogger("engine.router")
+
+NOTHING = compile_query({"_id": {"$in": []}})  # a filter no document matches
 
 ProtocolHandler = Callable[["WebSocketConnection", dict[str, Any]], "Awaitable[None] | None"]
 SnapshotHandler = Callable[["WebSocketConnection", "View", "Subscription"], "Awaitable[None]"]
@@ -44,13 +53,17 @@ class PendingEvents:
     """Events held back for a connection while it is being brought up to date."""
 
     def __init__(self) -> None:
-        # binding None: a broadcast, or a whole transaction
-        self.items: list[tuple[Binding | None, Unit]] = []
+        # binding None: a broadcast, or a whole transaction; a str: a window's encoded frame
+        self.items: list[tuple[Binding | None, Unit | str]] = []
         self.ids: set[str] = set()
 
     def add(self, binding: Binding | None, event: Unit) -> None:
         self.items.append((binding, event))
         self.ids.add(event.event_id)
+
+    def add_frame(self, frame: str) -> None:
+        """A frame already decided (windows decide for all their members at once)."""
+        self.items.append((None, frame))
 
 
 def _app_id_allowed(event: ChangeEvent, app_slug: str) -> bool:
@@ -73,6 +86,7 @@ class Router:
         # Connections being brought up to date, per (app, endpoint): they hold every event.
         self._held: dict[tuple[str, str], dict[int, WebSocketConnection]] = {}
         self.snapshots: SnapshotHandler | None = None  # set by the engine: needs the database
+        self.windows: Windows | None = None  # set by the engine: windows need the database
         self.max_subscriptions = 0  # per connection; 0: no bound
         self.origin = ""  # this process on the bus: its own broadcasts were delivered already
         self._app_databases: dict[str, str] = {}
@@ -151,6 +165,8 @@ class Router:
         held = self._held.get((connection.app_slug, connection.endpoint))
         if held is not None:
             held.pop(id(connection), None)
+        if self.windows is not None:
+            self.windows.leave_all(connection)
 
     def hold(self, connection: WebSocketConnection) -> None:
         """Hold live events back for this connection until they are released."""
@@ -177,6 +193,8 @@ class Router:
         for binding in self._bindings_for(event):
             self._hold_event((binding.app_slug, binding.endpoint), event, binding)
             queued += self._dispatch(event, binding)
+            if self.windows is not None and self.windows.has_windows(binding):
+                self.windows.route(binding, (event,), event.event_id)
         return queued
 
     def _hold_event(
@@ -269,6 +287,8 @@ class Router:
                     entry[1].append(Part(position, binding, decision))
         for key, binding in held_endpoints.items():
             self._hold_event(key, transaction, None, whole=binding)
+        if self.windows is not None:
+            self._route_transaction_to_windows(transaction)
         frames: dict[tuple[Part, ...], str] = {}
         for connection, visible in parts.values():
             signature = tuple(visible)
@@ -278,6 +298,19 @@ class Router:
             if connection.send(frame):
                 queued += 1
         return queued
+
+    def _route_transaction_to_windows(self, transaction: Transaction) -> None:
+        """Each window gets the transaction's changes of its binding together."""
+        assert self.windows is not None
+        per_binding: dict[Binding, list[ChangeEvent]] = {}
+        for event in transaction.events:
+            if event.collection == BUS_COLLECTION:
+                continue
+            for binding in self._bindings_for(event):
+                if self.windows.has_windows(binding):
+                    per_binding.setdefault(binding, []).append(event)
+        for binding, events in per_binding.items():
+            self.windows.route(binding, tuple(events), transaction.event_id)
 
     def _encode_parts(self, transaction: Transaction, parts: list[Part]) -> str:
         """A plain `change` when one part is visible, else a `transaction` frame; either way
@@ -401,17 +434,45 @@ class Router:
         request = parse_subscribe(connection, message, self.max_subscriptions)
         if request is None:
             return None
-        view, subscription, snapshot = request
+        view, subscription, snapshot, window = request
         drop_subscription(connection, subscription.id)
+        if self.windows is not None:
+            self.windows.leave(connection, subscription.id)
+        if window is not None:
+            return self._join_window(connection, view, subscription, window)
         if snapshot and self.snapshots is not None:
             return self.snapshots(connection, view, subscription)
         view.add_subscription(subscription)
         connection.send_message({"type": "subscribed", "id": subscription.id})
         return None
 
+    def _join_window(
+        self,
+        connection: WebSocketConnection,
+        view: View,
+        subscription: Subscription,
+        window: WindowRequest,
+    ) -> Awaitable[None] | None:
+        if self.windows is None:
+            text = "windows (`sort` / `limit`) need the engine's database"
+            send_error(connection, ErrorCode.BAD_MESSAGE, text, subscription.id)
+            return None
+        # The plain stream sends this subscription nothing: the window sends its changes.
+        view.add_subscription(Subscription(subscription.id, subscription.collection, NOTHING, ()))
+        bound_scope = None
+        if view.binding.scope is not None:
+            values = connection.principal.placeholder_values()
+            bound_scope = substitute_placeholders(view.binding.scope, values)
+        if view.never or (view.binding.scope is not None and bound_scope is None):
+            bound_scope = {"_id": {"$in": []}}  # this principal sees nothing of the binding
+        return self.windows.join(
+            connection, view, subscription, window.sort, window.limit, bound_scope
+        )
+
     def unsubscribe(self, connection: WebSocketConnection, message: dict[str, Any]) -> None:
         sub_id = message.get("id")
-        if not valid_id(sub_id) or not drop_subscription(connection, sub_id):
+        left_window = self.windows is not None and self.windows.leave(connection, sub_id)
+        if not valid_id(sub_id) or not (drop_subscription(connection, sub_id) or left_window):
             text = f"no subscription with id {sub_id!r}"
             send_error(connection, ErrorCode.BAD_MESSAGE, text, sub_id)
             return

@@ -31,7 +31,7 @@ function canonicalJson(value) {
   return JSON.stringify(value ?? null);
 }
 
-/** Documents per collection, kept from `change` and `snapshot` messages (no I/O). */
+/** Documents per collection, kept from `change`, `transaction` and `snapshot` messages (no I/O). */
 export class LocalView {
   constructor(lastEventId = null) {
     this.collections = new Map(); // collection -> Map(key -> document)
@@ -46,7 +46,18 @@ export class LocalView {
   apply(message) {
     if (message.type === "change") return this.#applyChange(message);
     if (message.type === "snapshot") return this.#applySnapshot(message);
+    if (message.type === "transaction") return this.#applyTransaction(message);
     return null;
+  }
+
+  /** Every change of a transaction in one call: nobody observes half of it. */
+  #applyTransaction(message) {
+    let changed = null;
+    for (const change of Array.isArray(message.changes) ? message.changes : []) {
+      if (change && typeof change === "object") changed = this.#applyChange(change) ?? changed;
+    }
+    if (typeof message.id === "string") this.lastEventId = message.id;
+    return changed;
   }
 
   #collection(name) {
