@@ -225,9 +225,14 @@ class Windows:
             busy.set_result(None)
             return
         group.busy = None
-        self._advance(group, rest, unit_id, changes, event)
-        self._drain(group)
-        busy.set_result(None)
+        try:
+            self._advance(group, rest, unit_id, changes, event)
+            self._drain(group)
+        except Exception:
+            logger.exception("window %s could not be kept", group.window_id)
+            self._fail(group)
+        finally:
+            busy.set_result(None)
         if not group.members and group.busy is None:
             self._drop_group(group)
 
@@ -289,8 +294,13 @@ class Windows:
             busy.set_result(None)
             return
         group.busy = None
-        self._drain(group)
-        busy.set_result(None)
+        try:
+            self._drain(group)
+        except Exception:
+            logger.exception("window %s could not be kept", group.window_id)
+            self._fail(group)
+        finally:
+            busy.set_result(None)
 
     def _fail(self, group: WindowGroup) -> None:
         """A window that cannot be kept: its members are told to subscribe again."""

@@ -159,7 +159,7 @@ class WindowState:
         if document is None:
             return [self._gone(event)]
         entry = (self._sort_key(document), key)
-        if self.exhausted or not self.entries or entry < self.entries[-1]:
+        if self.exhausted or (self.entries and entry < self.entries[-1]):
             self._insert(document)
             return [WindowChange("update", None, event.document_id, document)]
         # The last place of a window with more beyond: an outside document may now come first.
