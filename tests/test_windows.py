@@ -162,3 +162,31 @@ async def test_bad_windows_get_clear_errors(
         assert words in error["message"]
     finally:
         await ws.close()
+
+
+async def test_a_transaction_that_reorders_a_window_arrives_as_one_frame(
+    change_app: RunningApp, db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    tag = uuid.uuid4().hex
+    news = db["shop_news"]
+    ws = await open_ws(change_app)
+    view = LocalView()
+    try:
+        await news.insert_many([{"_id": f"{tag}-{n}", "tag": tag, "n": n} for n in range(4)])
+        for _ in range(4):  # the plain changes of the inserts come first
+            assert (await receive_json(ws, 10))["operation"] == "insert"
+        await subscribe_window(
+            ws, view, "low", collection="news", filter={"tag": tag}, sort={"n": 1}, limit=2
+        )
+        async with db.client.start_session() as session, await session.start_transaction():
+            await news.update_one({"_id": f"{tag}-0"}, {"$set": {"n": 10}}, session=session)
+            await news.update_one({"_id": f"{tag}-3"}, {"$set": {"n": -1}}, session=session)
+        frame = await next_message(ws)
+        assert frame["type"] == "transaction"
+        view.apply(frame)
+        assert ids(view.window("low")) == [f"{tag}-3", f"{tag}-1"]
+        assert ids(view.window("low")) == await expected(
+            db, "shop_news", {"tag": tag}, [("n", 1)], 2
+        )
+    finally:
+        await ws.close()
