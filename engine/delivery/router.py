@@ -458,7 +458,8 @@ class Router:
             send_error(connection, ErrorCode.BAD_MESSAGE, text, subscription.id)
             return None
         # The plain stream sends this subscription nothing: the window sends its changes.
-        view.add_subscription(Subscription(subscription.id, subscription.collection, NOTHING, ()))
+        placeholder = Subscription(subscription.id, subscription.collection, NOTHING, (), True)
+        view.add_subscription(placeholder)
         bound_scope = None
         if view.binding.scope is not None:
             values = connection.principal.placeholder_values()
