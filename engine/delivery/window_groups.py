@@ -23,6 +23,7 @@ from engine import codec
 from engine.changes import ChangeEvent, Fields, cluster_time_iso, project
 from engine.delivery.view import Binding, Subscription, View
 from engine.delivery.windows import SortSpec, WindowChange, WindowState
+from engine.protocol import ErrorCode, error_message
 from engine.query import Matcher
 from engine.transactions import transaction_message
 
@@ -131,8 +132,14 @@ class Windows:
             group = self._create(key, binding, query, subscription.fields, spec, limit, matcher)
         while group.busy is not None:
             await asyncio.shield(group.busy)
-        if self._groups.get(key) is not group or connection.closing:
-            return  # the load failed, or the client went away meanwhile
+        if self._groups.get(key) is not group:  # its query failed
+            text = "the window could not be read"
+            connection.send_message(error_message(ErrorCode.BAD_MESSAGE, text, subscription.id))
+            return
+        if connection.closing:  # gone meanwhile: a window nobody holds is not kept
+            if not group.members and group.busy is None:
+                self._drop(key)
+            return
         connection.send_message(group.snapshot_message(subscription))
         connection.send_message(
             {"type": "subscribed", "id": subscription.id, "window": group.window_id}
