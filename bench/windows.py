@@ -119,8 +119,8 @@ async def run_case(
             for n in range(boards * DOCUMENTS_PER_BOARD)
         ]
     )
-    # await collection.create_index([("board", 1), ("score", -1)])
-    # await collection.create_index([("score", -1)])
+    await collection.create_index([("board", 1), ("score", -1)])
+    await collection.create_index([("score", -1)])
     await enable_pre_images(mongo[database], ["game_scores"])  # as the engine does
 
     router = Router()
@@ -175,6 +175,7 @@ async def run_case(
         outcome = router.subscribe(connection, message)
         if outcome is not None:
             await outcome
+    print(f"{case}: {clients} clients subscribed", file=sys.stderr, flush=True)
     frames_before = sum(s.frames for s in sinks)
     loads = queries["load"]
 

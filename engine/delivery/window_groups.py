@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine import codec
 from engine.changes import ChangeEvent, Fields, cluster_time_iso, project
 from engine.delivery.view import Binding, Subscription, View
+from engine.delivery.window_index import WindowIndex
 from engine.delivery.windows import SortSpec, WindowChange, WindowState
 from engine.protocol import ErrorCode, error_message
 from engine.query import Matcher
@@ -105,7 +106,7 @@ class Windows:
         self._query = query
         self._position = position
         self._groups: dict[Hashable, WindowGroup] = {}
-        self._by_binding: dict[Binding, dict[Hashable, WindowGroup]] = {}
+        self._by_binding: dict[Binding, WindowIndex] = {}
         self._of_connection: dict[int, dict[Hashable, Hashable]] = {}  # sub id -> group key
         self._next_id = 0
         self.stats = WindowStats()
@@ -172,7 +173,10 @@ class Windows:
 
     def route(self, binding: Binding, events: tuple[ChangeEvent, ...], unit_id: str) -> None:
         """Feed a change (or a transaction's changes of this binding) to its windows."""
-        for group in list(self._by_binding.get(binding, {}).values()):
+        index = self._by_binding.get(binding)
+        if index is None:
+            return
+        for group in index.candidates(events):
             if group.busy is not None:
                 group.queued.append((events, unit_id))
             else:
@@ -280,7 +284,10 @@ class Windows:
         )
         group.busy = asyncio.get_running_loop().create_future()
         self._groups[key] = group
-        self._by_binding.setdefault(binding, {})[key] = group
+        index = self._by_binding.get(binding)
+        if index is None:
+            index = self._by_binding[binding] = WindowIndex()
+        index.add(key, group, query)
         group.task = asyncio.get_running_loop().create_task(self._load(key, group))
         return group
 
@@ -326,10 +333,10 @@ class Windows:
         group = self._groups.pop(key, None)
         if group is None:
             return
-        per_binding = self._by_binding.get(group.binding)
-        if per_binding is not None:
-            per_binding.pop(key, None)
-            if not per_binding:
+        index = self._by_binding.get(group.binding)
+        if index is not None:
+            index.remove(key)
+            if not index:
                 del self._by_binding[group.binding]
         for (connection_key, sub_id), _ in list(group.members.items()):
             keys = self._of_connection.get(connection_key)
