@@ -190,3 +190,24 @@ async def test_a_transaction_that_reorders_a_window_arrives_as_one_frame(
         )
     finally:
         await ws.close()
+
+
+async def test_unsubscribe_ends_a_window(
+    change_app: RunningApp, db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    tag = uuid.uuid4().hex
+    ws = await open_ws(change_app)
+    try:
+        await subscribe_window(
+            ws, LocalView(), "gone", collection="news", filter={"tag": tag}, limit=2
+        )
+        await ws.send(json.dumps({"type": "unsubscribe", "id": {"not": "an id"}}))
+        assert (await next_message(ws))["code"] == "bad_message"
+        await ws.send(json.dumps({"type": "unsubscribe", "id": "gone"}))
+        assert await next_message(ws) == {"type": "unsubscribed", "id": "gone"}
+        await db["shop_news"].insert_one({"_id": f"{tag}-late", "tag": tag})
+        plain = await receive_json(ws, 10)  # back to the whole collection, no window frame
+        assert plain["type"] == "change" and "window" not in plain
+        assert plain["document_id"] == f"{tag}-late"
+    finally:
+        await ws.close()

@@ -472,8 +472,9 @@ class Router:
 
     def unsubscribe(self, connection: WebSocketConnection, message: dict[str, Any]) -> None:
         sub_id = message.get("id")
-        left_window = self.windows is not None and self.windows.leave(connection, sub_id)
-        if not valid_id(sub_id) or not (drop_subscription(connection, sub_id) or left_window):
+        valid = valid_id(sub_id)
+        left_window = valid and self.windows is not None and self.windows.leave(connection, sub_id)
+        if not valid or not (drop_subscription(connection, sub_id) or left_window):
             text = f"no subscription with id {sub_id!r}"
             send_error(connection, ErrorCode.BAD_MESSAGE, text, sub_id)
             return
