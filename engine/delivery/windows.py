@@ -73,10 +73,6 @@ def sort_key(spec: SortSpec) -> Callable[[Mapping[str, Any]], Any]:
     return key
 
 
-def mongo_sort(spec: SortSpec) -> list[tuple[str, int]]:
-    return list(spec)
-
-
 class WindowChange(NamedTuple):
     """One message of a window: what a client does to its copy."""
 
