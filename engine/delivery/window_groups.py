@@ -61,6 +61,11 @@ class WindowGroup:
     queued: list[tuple[tuple[ChangeEvent, ...], str]] = field(default_factory=list)
     busy: asyncio.Future[None] | None = None  # set while the database is asked
     task: asyncio.Task[None] | None = None  # the query being made
+    joining: int = 0  # connections waiting for the window to be ready
+
+    @property
+    def unused(self) -> bool:
+        return not self.members and not self.joining and self.busy is None
 
     def change_frame(self, changes: list[WindowChange], event: ChangeEvent, unit_id: str) -> str:
         messages = [self._message(change, event, unit_id) for change in changes]
@@ -131,14 +136,18 @@ class Windows:
         group = self._groups.get(key)
         if group is None:
             group = self._create(key, binding, query, subscription.fields, spec, limit, matcher)
-        while group.busy is not None:
-            await asyncio.shield(group.busy)
+        group.joining += 1
+        try:
+            while group.busy is not None:
+                await asyncio.shield(group.busy)
+        finally:
+            group.joining -= 1
         if self._groups.get(key) is not group:  # its query failed
             text = "the window could not be read"
             connection.send_message(error_message(ErrorCode.BAD_MESSAGE, text, subscription.id))
             return
         if connection.closing:  # gone meanwhile: a window nobody holds is not kept
-            if not group.members and group.busy is None:
+            if group.unused:
                 self._drop(key)
             return
         connection.send_message(group.snapshot_message(subscription))
@@ -158,7 +167,7 @@ class Windows:
         group = self._groups.get(key)
         if group is not None:
             group.members.pop((id(connection), sub_id), None)
-            if not group.members and group.busy is None:
+            if group.unused:
                 self._drop(key)
         return True
 
@@ -244,7 +253,7 @@ class Windows:
             self._fail(group)
         finally:
             busy.set_result(None)
-        if not group.members and group.busy is None:
+        if group.unused:
             self._drop_group(group)
 
     def _send(
