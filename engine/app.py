@@ -19,7 +19,6 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from engine.bus import Bus
-from engine.changes import ChangeEvent
 from engine.checkpoints import CHECKPOINT_COLLECTION, CheckpointStore
 from engine.delivery.router import Router
 from engine.delivery.view import Binding
@@ -45,6 +44,7 @@ from engine.recovery import Recovery
 from engine.rooms.service import Rooms
 from engine.settings import DEFAULT_DB_NAME, EngineSettings, mongo_uri_from_env
 from engine.stats import counting
+from engine.transactions import Unit
 from engine.transport import TransportAbortMiddleware
 from engine.watcher import Watcher, enable_pre_images
 
@@ -374,8 +374,8 @@ class MongoDBEngine:
             elif watcher.collections != collections:
                 await watcher.watch(collections)
 
-    def _sink(self, history: History) -> Callable[[ChangeEvent], None]:
-        def route(event: ChangeEvent) -> None:
+    def _sink(self, history: History) -> Callable[[Unit], None]:
+        def route(event: Unit) -> None:
             history.append(event)
             self.router.route(event)
             self.rooms.route(event)  # room messages and presence on the bus

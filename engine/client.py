@@ -76,6 +76,8 @@ class Subscription:
     filter: Mapping[str, Any] | None = None
     fields: tuple[str, ...] | None = None
     snapshot: bool = True
+    sort: Mapping[str, int] | None = None  # with `limit`: a live window (SPEC 13)
+    limit: int | None = None
 
     def message(self, snapshot: bool) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -89,6 +91,10 @@ class Subscription:
             message["fields"] = list(self.fields)
         if snapshot:
             message["snapshot"] = True
+        if self.limit is not None:  # a window always starts from its snapshot
+            message["limit"] = self.limit
+            if self.sort is not None:
+                message["sort"] = dict(self.sort)
         return message
 
 
@@ -159,6 +165,10 @@ class RealtimeClient:
     def documents(self, collection: str) -> list[dict[str, Any]]:
         return self.view.documents(collection)
 
+    def window(self, sub_id: str) -> list[dict[str, Any]] | None:
+        """A window subscription's documents in its order; None before its snapshot."""
+        return self.view.window(sub_id)
+
     def on(self, kind: str, callback: Callback) -> Callable[[], None]:
         """Call `callback(message)` for server messages of type `kind` (`*`: every one).
         Also: `disconnected` ({"code", "reason"}) and `closed` (the client stopped for good).
@@ -206,15 +216,20 @@ class RealtimeClient:
         fields: list[str] | tuple[str, ...] | None = None,
         snapshot: bool = True,
         id: str | None = None,
+        sort: Mapping[str, int] | None = None,
+        limit: int | None = None,
     ) -> str:
         """Narrow what arrives from `collection` (kept across reconnects); the subscription id.
-        With `snapshot`, the collection's local view is (re)built from a server snapshot."""
+        With `snapshot`, the collection's local view is (re)built from a server snapshot.
+        With `limit` (and `sort`), a live window: `window(id)` is its documents in order."""
         sub = Subscription(
             id or f"sub-{next(self._ids)}",
             collection,
             filter,
             tuple(fields) if fields is not None else None,
-            snapshot,
+            snapshot or limit is not None,
+            sort,
+            limit,
         )
         self._subscriptions[sub.id] = sub
         if self.state == "open":

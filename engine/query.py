@@ -1392,3 +1392,35 @@ def is_operator_document(value: Any) -> bool:
 def is_regex(value: Any) -> bool:
     """Whether a query value is a regular expression (matched as a pattern, not equality)."""
     return _is_regex(value)
+
+
+# -- sort order ---------------------------------------------------------------------------------
+
+
+class _EmptyArray:
+    """The sort value of an empty array: before null and missing, as in MongoDB."""
+
+
+EMPTY_ARRAY_SORT_VALUE: Final = _EmptyArray()
+
+
+def compare_values(left: Any, right: Any) -> int:
+    """-1, 0 or 1: BSON comparison order across types (MongoDB's sort order)."""
+    if left is EMPTY_ARRAY_SORT_VALUE or right is EMPTY_ARRAY_SORT_VALUE:
+        return (right is EMPTY_ARRAY_SORT_VALUE) - (left is EMPTY_ARRAY_SORT_VALUE)
+    return _compare(left, right)
+
+
+def sort_value(document: Mapping[str, Any], dotted: str, descending: bool) -> Any:
+    """The value MongoDB sorts a document by on `dotted`: missing is null, and an array
+    sorts by its smallest element ascending, its largest descending."""
+    values = [v for v in _FieldPath(dotted).values(document, 0, True) if not isinstance(v, _ARRAYS)]
+    if not values:
+        return EMPTY_ARRAY_SORT_VALUE
+    values = [None if v is _MISSING else v for v in values]
+    best = values[0]
+    for value in values[1:]:
+        order = _compare(value, best)
+        if (order > 0) if descending else (order < 0):
+            best = value
+    return best

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 
 from engine import codec
-from engine.changes import ChangeEvent, project
+from engine.changes import project
 from engine.delivery.router import Router
 from engine.delivery.view import Binding, Subscription, View
+from engine.delivery.window_groups import Windows
+from engine.delivery.windows import SortSpec
 from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.protocol import ErrorCode, error_message
 from engine.query import substitute_placeholders
+from engine.transactions import Unit
 from engine.watcher import Watcher
 
 logger = logging.getLogger("engine.recovery")
@@ -65,6 +68,26 @@ class Recovery:
         self.collection_of = collection_of
         self.snapshot_limit = snapshot_limit
         self.on_resume = on_resume or (lambda _source: None)
+        router.windows = Windows(self._window_documents, self._position_of)
+
+    def _position_of(self, binding: Binding) -> str | None:
+        watcher = self.watchers.get(binding.database)
+        return watcher.position if watcher is not None else None
+
+    async def _window_documents(
+        self,
+        binding: Binding,
+        query: Mapping[str, Any],
+        sort: SortSpec,
+        count: int,
+        leave_out: Sequence[Any],
+    ) -> list[dict[str, Any]]:
+        """One bounded query: the first `count` matching documents in order, without the
+        ones already in the window."""
+        if leave_out:
+            query = {"$and": [query, {"_id": {"$nin": list(leave_out)}}]}
+        cursor = self.collection_of(binding).find(query).sort(list(sort)).limit(count)
+        return [document async for document in cursor]
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -88,15 +111,13 @@ class Recovery:
         target = history.last_id if history is not None else None
         return self._replay_database(connection, watcher, last_event_id, target)
 
-    async def _send_paced(self, connection: WebSocketConnection, event: ChangeEvent) -> None:
+    async def _send_paced(self, connection: WebSocketConnection, event: Unit) -> None:
         for frame in self.router.frames_for(connection, event):
             await connection.send_paced(frame)
 
-    async def _replay_memory(
-        self, connection: WebSocketConnection, missed: list[ChangeEvent]
-    ) -> None:
+    async def _replay_memory(self, connection: WebSocketConnection, missed: list[Unit]) -> None:
         try:
-            for event in missed:
+            for event in missed:  # changes and whole transactions
                 await self._send_paced(connection, event)
             _count_resume(connection)
             self.on_resume("memory")
@@ -151,9 +172,12 @@ class Recovery:
                 return
             items, held.items = held.items, []
             for binding, event in items:
-                if already_sent is not None and event.event_id in already_sent:
+                if isinstance(event, str):  # a window's frame, decided already
+                    frame: str | None = event
+                elif already_sent is not None and event.event_id in already_sent:
                     continue
-                frame = self.router.frame_for(connection, binding, event)
+                else:
+                    frame = self.router.frame_for(connection, binding, event)
                 if frame is not None and not await connection.send_paced(frame):
                     connection.pending = None
                     return

@@ -17,7 +17,13 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid, OperationFailure, PyMongoError
 
-from engine.changes import LIFECYCLE_OPERATIONS, ChangeEvent, event_id_of, normalize
+from engine.changes import LIFECYCLE_OPERATIONS, event_id_of, normalize
+from engine.transactions import (
+    TRANSACTION_IDLE_SECONDS,
+    TransactionGrouper,
+    Unit,
+    transaction_key,
+)
 
 logger = logging.getLogger("engine.watcher")
 
@@ -29,7 +35,7 @@ PREFETCH_EVENTS = 1000  # changes read ahead of routing at most
 # Server answers that mean "this resume position cannot be used any more".
 _POSITION_LOST_CODES = frozenset({260, 280, 286})
 
-EventSink = Callable[[ChangeEvent], Any]
+EventSink = Callable[[Unit], Any]  # a change, or a whole transaction
 
 
 def build_pipeline(collections: Mapping[str, frozenset[str]]) -> list[dict[str, Any]]:
@@ -92,7 +98,11 @@ class Watcher:
         self.database = database
         self.collections = dict(collections)
         self.sink = sink
+        # Where everything routed ends: always after a whole unit, never inside a transaction.
         self.resume_token: Mapping[str, Any] | None = resume_token
+        self.transaction_idle = TRANSACTION_IDLE_SECONDS
+        self._grouper = TransactionGrouper()
+        self._idle_flush: asyncio.TimerHandle | None = None
         self.last_error: str | None = None
         self._start_after = False  # the token is an invalidate event's
         self._task: asyncio.Task[None] | None = None
@@ -113,6 +123,7 @@ class Watcher:
     async def stop(self) -> None:
         task, self._task = self._task, None
         self._open.clear()
+        self._drop_open_transaction()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,6 +174,7 @@ class Watcher:
         options = stream_options(self.resume_token, self._start_after)
         database = self.client[self.database]
         self._restart.clear()
+        self._drop_open_transaction()  # reopened at a unit's end: its events come again
         async with await database.watch(build_pipeline(self.collections), **options) as stream:
             self._start_after = False
             if self.resume_token is None:
@@ -187,28 +199,33 @@ class Watcher:
                 raise error
             if raw is not None and not self._handle(raw):
                 return
-            if token is not None:
-                self.resume_token = token
+            if token is not None and not self._grouper.open:
+                self.resume_token = token  # never a position inside a transaction
             if raw is not None:
                 # Let socket writers run between events: a burst (insert_many) is then paced
                 # to the readers instead of landing in their queues all at once.
                 await asyncio.sleep(0)
 
-    async def read_after(self, event_id: str) -> AsyncIterator[ChangeEvent | None]:
-        """The database's own history after `event_id`, through the same pipeline; None is
-        yielded whenever the stream is caught up with the server (the caller decides to stop).
-        Raises OperationFailure when the position is unknown or no longer in history."""
+    async def read_after(self, event_id: str) -> AsyncIterator[Unit | None]:
+        """The database's own history after `event_id`, through the same pipeline and in the
+        same units (transactions whole); None is yielded whenever the stream is caught up with
+        the server (the caller decides to stop). Raises OperationFailure when the position is
+        unknown or no longer in history."""
         database = self.client[self.database]
         options = stream_options({"_data": event_id}, start_after=False)
+        grouper = TransactionGrouper()
         async with await database.watch(build_pipeline(self.collections), **options) as stream:
             while True:
                 raw = await stream.try_next()
                 if raw is None:
+                    for unit in grouper.flush():
+                        yield unit
                     yield None
                     continue
                 event = normalize(raw)
                 if event is not None:
-                    yield event
+                    for unit in grouper.add(event, transaction_key(raw)):
+                        yield unit
 
     @property
     def position(self) -> str | None:
@@ -219,6 +236,7 @@ class Watcher:
         """Deliver one raw change; False when the stream must be reopened."""
         operation = raw.get("operationType")
         if operation in LIFECYCLE_OPERATIONS:
+            self._flush_transaction()
             namespace = raw.get("ns") or {}
             logger.warning("change stream on %r saw %s of %s", self.database, operation, namespace)
             if operation == "invalidate":
@@ -228,13 +246,38 @@ class Watcher:
             return True
         event = normalize(raw)
         if event is not None:
-            try:
-                self.sink(event)
-            except Exception:
-                logger.exception(
-                    "routing a change of %s.%s failed", event.database, event.collection
-                )
+            for unit in self._grouper.add(event, transaction_key(raw)):
+                self._deliver(unit)
+            self._arm_idle_flush()
         return True
+
+    def _deliver(self, unit: Unit) -> None:
+        self.resume_token = unit.resume_token
+        try:
+            self.sink(unit)
+        except Exception:
+            logger.exception("routing a change of %s failed", unit.database)
+
+    def _arm_idle_flush(self) -> None:
+        if self._idle_flush is not None:
+            self._idle_flush.cancel()
+            self._idle_flush = None
+        if self._grouper.open:
+            loop = asyncio.get_running_loop()
+            self._idle_flush = loop.call_later(self.transaction_idle, self._flush_transaction)
+
+    def _flush_transaction(self) -> None:
+        if self._idle_flush is not None:
+            self._idle_flush.cancel()
+            self._idle_flush = None
+        for unit in self._grouper.flush():
+            self._deliver(unit)
+
+    def _drop_open_transaction(self) -> None:
+        if self._idle_flush is not None:
+            self._idle_flush.cancel()
+            self._idle_flush = None
+        self._grouper = TransactionGrouper()
 
 
 async def enable_pre_images(database: AsyncDatabase[dict[str, Any]], names: Iterable[str]) -> None:

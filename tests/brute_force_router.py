@@ -1,25 +1,33 @@
-"""The reference for routing: every change asks every view of its endpoint, every broadcast
-visits every connection of its app. The indexed `Router` must deliver exactly what this does."""
+"""The reference for routing: every change (alone or in a transaction) asks every view of its
+endpoint, every broadcast visits every connection of its app. The indexed `Router` must
+deliver exactly what this does."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from engine import codec
 from engine.bus import parse_bus_document
 from engine.changes import ChangeEvent
 from engine.delivery.router import Router
 from engine.delivery.view import Binding, Decision
+from engine.hub import WebSocketConnection
 
 
 class BruteForceRouter(Router):
-    def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
-        frames: dict[Decision, str] = {}
+    def _decisions(
+        self, event: ChangeEvent, binding: Binding
+    ) -> Iterator[tuple[WebSocketConnection, Decision]]:
         members = self._members.get(binding.app_slug)
-        queued = 0
         for connection in members.all() if members is not None else []:
             view = connection.views.get(binding.collection)
-            if connection.endpoint == binding.endpoint and view is not None:
-                queued += self._deliver(view, event, frames)
-        return queued
+            if connection.endpoint != binding.endpoint or view is None or connection.closing:
+                continue
+            if connection.pending is not None:
+                continue  # held by Router._hold_event
+            decision = view.decide(event)
+            if decision is not None:
+                yield connection, decision
 
     def _route_broadcast(self, event: ChangeEvent) -> int:
         published = parse_bus_document(event.document or {})

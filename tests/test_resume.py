@@ -344,11 +344,12 @@ async def test_large_documents_bulk_inserts_and_transactions_arrive(
             await news.insert_one({"_id": "tx1"}, session=session)
             await news.insert_one({"_id": "tx2"}, session=session)
             await news.update_one({"_id": "tx1"}, {"$set": {"n": 1}}, session=session)
-        in_transaction = await changes(ws, 3)
-        assert [(m["operation"], m["document_id"]) for m in in_transaction] == [
+        whole = await receive_until(ws, "transaction", 10, answer_pings=True)
+        assert [(m["operation"], m["document_id"]) for m in whole["changes"]] == [
             ("insert", "tx1"),
             ("insert", "tx2"),
             ("update", "tx1"),
         ]
+        assert {m["id"] for m in whole["changes"]} == {whole["id"]}
     finally:
         await ws.close()

@@ -10,37 +10,60 @@ Broadcasts from the bus reach an app's connections, or one user's, through `Memb
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
 
 from engine import codec, protocol
 from engine.bus import BUS_COLLECTION, parse_bus_document
 from engine.changes import ChangeEvent, change_message
 from engine.delivery.index import RecipientIndex
 from engine.delivery.members import Members
-from engine.delivery.subscriptions import drop_subscription, parse_subscribe, send_error, valid_id
+from engine.delivery.subscriptions import (
+    WindowRequest,
+    drop_subscription,
+    parse_subscribe,
+    send_error,
+    valid_id,
+)
 from engine.delivery.view import DEFAULT_KNOWN_IDS_LIMIT, Binding, Decision, Subscription, View
+from engine.delivery.window_groups import Windows
 from engine.hub import WebSocketConnection
 from engine.manifest import Manifest
 from engine.protocol import ErrorCode
 from engine.query import Matcher, QueryError, compile_query, substitute_placeholders
+from engine.transactions import Transaction, Unit, transaction_message
 
 logger = logging.getLogger("engine.router")
 
+NOTHING = compile_query({"_id": {"$in": []}})  # a filter no document matches
+
 ProtocolHandler = Callable[["WebSocketConnection", dict[str, Any]], "Awaitable[None] | None"]
 SnapshotHandler = Callable[["WebSocketConnection", "View", "Subscription"], "Awaitable[None]"]
+
+
+class Part(NamedTuple):
+    """One change of a transaction as one connection gets it."""
+
+    position: int  # in the transaction
+    binding: Binding
+    decision: Decision
 
 
 class PendingEvents:
     """Events held back for a connection while it is being brought up to date."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[Binding | None, ChangeEvent]] = []  # None: a broadcast
+        # binding None: a broadcast, or a whole transaction; a str: a window's encoded frame
+        self.items: list[tuple[Binding | None, Unit | str]] = []
         self.ids: set[str] = set()
 
-    def add(self, binding: Binding | None, event: ChangeEvent) -> None:
+    def add(self, binding: Binding | None, event: Unit) -> None:
         self.items.append((binding, event))
         self.ids.add(event.event_id)
+
+    def add_frame(self, frame: str) -> None:
+        """A frame already decided (windows decide for all their members at once)."""
+        self.items.append((None, frame))
 
 
 def _app_id_allowed(event: ChangeEvent, app_slug: str) -> bool:
@@ -63,6 +86,7 @@ class Router:
         # Connections being brought up to date, per (app, endpoint): they hold every event.
         self._held: dict[tuple[str, str], dict[int, WebSocketConnection]] = {}
         self.snapshots: SnapshotHandler | None = None  # set by the engine: needs the database
+        self.windows: Windows | None = None  # set by the engine: windows need the database
         self.max_subscriptions = 0  # per connection; 0: no bound
         self.origin = ""  # this process on the bus: its own broadcasts were delivered already
         self._app_databases: dict[str, str] = {}
@@ -141,6 +165,8 @@ class Router:
         held = self._held.get((connection.app_slug, connection.endpoint))
         if held is not None:
             held.pop(id(connection), None)
+        if self.windows is not None:
+            self.windows.leave_all(connection)
 
     def hold(self, connection: WebSocketConnection) -> None:
         """Hold live events back for this connection until they are released."""
@@ -153,28 +179,35 @@ class Router:
 
     # -- events ----------------------------------------------------------------------------
 
-    def route(self, event: ChangeEvent) -> int:
-        """Queue `event` for every connection that may see it; the number of frames queued."""
+    def route(self, event: Unit) -> int:
+        """Queue a change or a whole transaction for every connection that may see it; the
+        number of frames queued."""
+        if isinstance(event, Transaction):
+            return self._route_transaction(event)
         if event.collection == BUS_COLLECTION:
             return self._route_broadcast(event)
         bindings = self._by_namespace.get((event.database, event.collection))
         if not bindings:
             return 0
         queued = 0
-        for binding in bindings:
-            if event.operation not in binding.operations:
-                continue
-            if not _app_id_allowed(event, binding.app_slug):
-                continue
+        for binding in self._bindings_for(event):
             self._hold_event((binding.app_slug, binding.endpoint), event, binding)
             queued += self._dispatch(event, binding)
+            if self.windows is not None and self.windows.has_windows(binding):
+                self.windows.route(binding, (event,), event.event_id)
         return queued
 
     def _hold_event(
-        self, key: tuple[str, str], event: ChangeEvent, binding: Binding | None, user: Any = None
+        self,
+        key: tuple[str, str],
+        event: Unit,
+        binding: Binding | None,
+        user: Any = None,
+        whole: Binding | None = None,
     ) -> None:
         """Add the event to the held connections of an endpoint that it concerns: those with a
-        view of the binding, or for a broadcast (binding None) those of its user if it has one.
+        view of the binding, or for a broadcast (binding None) those of its user if it has one;
+        a transaction (`whole`: one of its bindings there) goes to all of the endpoint's.
         Each decides once released, as it would have live."""
         held = self._held.get(key)
         if not held:
@@ -184,6 +217,8 @@ class Router:
                 del held[connection_key]  # released since
             elif connection.closing:
                 continue
+            elif whole is not None:
+                connection.pending.add(None, event)
             elif binding is None:
                 if user is None or connection.user_id == user:
                     connection.pending.add(None, event)
@@ -193,50 +228,102 @@ class Router:
             del self._held[key]
 
     def _dispatch(self, event: ChangeEvent, binding: Binding) -> int:
-        index = self._indexes[binding]
         frames: dict[Decision, str] = {}
         queued = 0
-        if index.everyone:
-            queued += self._send_to_group(event, binding, index.everyone, frames)
-        for view in index.candidates(event):
-            queued += self._deliver(view, event, frames)
-        return queued
-
-    def _deliver(self, view: View, event: ChangeEvent, frames: dict[Decision, str]) -> int:
-        """Let one view decide and queue its frame (shared by equal decisions); 1 if queued."""
-        connection = view.owner
-        if connection is None or connection.closing or connection.pending is not None:
-            return 0
-        decision = view.decide(event)
-        if decision is None:
-            return 0
-        frame = frames.get(decision)
-        if frame is None:
-            frame = frames[decision] = self._encode(event, view.binding, decision)
-        return 1 if connection.send(frame) else 0
-
-    def _send_to_group(
-        self,
-        event: ChangeEvent,
-        binding: Binding,
-        group: Iterable[View],
-        frames: dict[Decision, str],
-    ) -> int:
-        """Views that see everything of the binding: one decision and one frame for all."""
-        frame: str | None = None
-        queued = 0
-        for view in list(group):
-            connection = view.owner
-            if connection is None or connection.closing or connection.pending is not None:
-                continue
+        for connection, decision in self._decisions(event, binding):
+            frame = frames.get(decision)
             if frame is None:
-                decision = view.decide(event)
-                if decision is None:
-                    return 0
                 frame = frames[decision] = self._encode(event, binding, decision)
             if connection.send(frame):
                 queued += 1
         return queued
+
+    def _decisions(
+        self, event: ChangeEvent, binding: Binding
+    ) -> Iterator[tuple[WebSocketConnection, Decision]]:
+        """Each live connection the event concerns, with what it gets."""
+        index = self._indexes[binding]
+        if index.everyone:
+            # Views that see everything of the binding: one decision for all of them.
+            group_decision: Decision | None = None
+            for view in list(index.everyone):
+                connection = view.owner
+                if connection is None or connection.closing or connection.pending is not None:
+                    continue
+                if group_decision is None:
+                    group_decision = view.decide(event)
+                    if group_decision is None:
+                        break
+                yield connection, group_decision
+        for view in index.candidates(event):
+            connection = view.owner
+            if connection is None or connection.closing or connection.pending is not None:
+                continue
+            decision = view.decide(event)
+            if decision is not None:
+                yield connection, decision
+
+    def _bindings_for(self, event: ChangeEvent) -> list[Binding]:
+        """The bindings an event of a bound collection reaches (operation, app_id)."""
+        return [
+            binding
+            for binding in self._by_namespace.get((event.database, event.collection), ())
+            if event.operation in binding.operations and _app_id_allowed(event, binding.app_slug)
+        ]
+
+    def _route_transaction(self, transaction: Transaction) -> int:
+        """One frame per connection with the parts of the transaction it may see."""
+        parts: dict[int, tuple[WebSocketConnection, list[Part]]] = {}
+        held_endpoints: dict[tuple[str, str], Binding] = {}
+        queued = 0
+        for position, event in enumerate(transaction.events):
+            if event.collection == BUS_COLLECTION:
+                queued += self._route_broadcast(event)
+                continue
+            for binding in self._bindings_for(event):
+                held_endpoints.setdefault((binding.app_slug, binding.endpoint), binding)
+                for connection, decision in self._decisions(event, binding):
+                    entry = parts.setdefault(id(connection), (connection, []))
+                    entry[1].append(Part(position, binding, decision))
+        for key, binding in held_endpoints.items():
+            self._hold_event(key, transaction, None, whole=binding)
+        if self.windows is not None:
+            self._route_transaction_to_windows(transaction)
+        frames: dict[tuple[Part, ...], str] = {}
+        for connection, visible in parts.values():
+            signature = tuple(visible)
+            frame = frames.get(signature)
+            if frame is None:
+                frame = frames[signature] = self._encode_parts(transaction, visible)
+            if connection.send(frame):
+                queued += 1
+        return queued
+
+    def _route_transaction_to_windows(self, transaction: Transaction) -> None:
+        """Each window gets the transaction's changes of its binding together."""
+        assert self.windows is not None
+        per_binding: dict[Binding, list[ChangeEvent]] = {}
+        for event in transaction.events:
+            if event.collection == BUS_COLLECTION:
+                continue
+            for binding in self._bindings_for(event):
+                if self.windows.has_windows(binding):
+                    per_binding.setdefault(binding, []).append(event)
+        for binding, events in per_binding.items():
+            self.windows.route(binding, tuple(events), transaction.event_id)
+
+    def _encode_parts(self, transaction: Transaction, parts: list[Part]) -> str:
+        """A plain `change` when one part is visible, else a `transaction` frame; either way
+        every id is the transaction's own position (the only one it has)."""
+        changes = []
+        for part in parts:
+            event = transaction.events[part.position]
+            message = self._change(event, part.binding, part.decision)
+            message["id"] = transaction.event_id
+            changes.append(message)
+        if len(changes) == 1:
+            return codec.dumps(changes[0])
+        return codec.dumps(transaction_message(transaction.event_id, changes))
 
     def _route_broadcast(self, event: ChangeEvent) -> int:
         published = parse_bus_document(event.document or {})
@@ -259,8 +346,11 @@ class Router:
                 queued += 1
         return queued
 
-    def frames_for(self, connection: WebSocketConnection, event: ChangeEvent) -> list[str]:
-        """The frames one connection gets for one event (replays of history)."""
+    def frames_for(self, connection: WebSocketConnection, event: Unit) -> list[str]:
+        """The frames one connection gets for one event or transaction (replays of history)."""
+        if isinstance(event, Transaction):
+            frame = self.frame_for(connection, None, event)
+            return [frame] if frame is not None else []
         if event.collection == BUS_COLLECTION:
             frame = self.frame_for(connection, None, event)
             return [frame] if frame is not None else []
@@ -278,8 +368,10 @@ class Router:
         return frames
 
     def frame_for(
-        self, connection: WebSocketConnection, binding: Binding | None, event: ChangeEvent
+        self, connection: WebSocketConnection, binding: Binding | None, event: Unit
     ) -> str | None:
+        if isinstance(event, Transaction):
+            return self._transaction_frame_for(connection, event)
         if binding is None:  # a broadcast from the bus; replays include this process's own
             published = parse_bus_document(event.document or {})
             if (
@@ -295,9 +387,32 @@ class Router:
             return None
         return self._encode(event, binding, decision)
 
+    def _transaction_frame_for(
+        self, connection: WebSocketConnection, transaction: Transaction
+    ) -> str | None:
+        parts: list[Part] = []
+        for position, event in enumerate(transaction.events):
+            if event.collection == BUS_COLLECTION:
+                continue  # broadcasts are never written inside transactions by the engine
+            for binding in self._bindings_for(event):
+                if (binding.app_slug, binding.endpoint) != (
+                    connection.app_slug,
+                    connection.endpoint,
+                ):
+                    continue
+                view = connection.views.get(binding.collection)
+                decision = view.decide(event) if view is not None else None
+                if decision is not None:
+                    parts.append(Part(position, binding, decision))
+        return self._encode_parts(transaction, parts) if parts else None
+
+    @classmethod
+    def _encode(cls, event: ChangeEvent, binding: Binding, decision: Decision) -> str:
+        return codec.dumps(cls._change(event, binding, decision))
+
     @staticmethod
-    def _encode(event: ChangeEvent, binding: Binding, decision: Decision) -> str:
-        message = change_message(
+    def _change(event: ChangeEvent, binding: Binding, decision: Decision) -> dict[str, Any]:
+        return change_message(
             event,
             app_slug=binding.app_slug,
             endpoint=binding.endpoint,
@@ -307,7 +422,6 @@ class Router:
             reason=decision.reason,
             describe_update=decision.describe_update,
         )
-        return codec.dumps(message)
 
     # -- subscribe / unsubscribe -----------------------------------------------------------
 
@@ -320,17 +434,47 @@ class Router:
         request = parse_subscribe(connection, message, self.max_subscriptions)
         if request is None:
             return None
-        view, subscription, snapshot = request
+        view, subscription, snapshot, window = request
         drop_subscription(connection, subscription.id)
+        if self.windows is not None:
+            self.windows.leave(connection, subscription.id)
+        if window is not None:
+            return self._join_window(connection, view, subscription, window)
         if snapshot and self.snapshots is not None:
             return self.snapshots(connection, view, subscription)
         view.add_subscription(subscription)
         connection.send_message({"type": "subscribed", "id": subscription.id})
         return None
 
+    def _join_window(
+        self,
+        connection: WebSocketConnection,
+        view: View,
+        subscription: Subscription,
+        window: WindowRequest,
+    ) -> Awaitable[None] | None:
+        if self.windows is None:
+            text = "windows (`sort` / `limit`) need the engine's database"
+            send_error(connection, ErrorCode.BAD_MESSAGE, text, subscription.id)
+            return None
+        # The plain stream sends this subscription nothing: the window sends its changes.
+        placeholder = Subscription(subscription.id, subscription.collection, NOTHING, (), True)
+        view.add_subscription(placeholder)
+        bound_scope = None
+        if view.binding.scope is not None:
+            values = connection.principal.placeholder_values()
+            bound_scope = substitute_placeholders(view.binding.scope, values)
+        if view.never or (view.binding.scope is not None and bound_scope is None):
+            bound_scope = {"_id": {"$in": []}}  # this principal sees nothing of the binding
+        return self.windows.join(
+            connection, view, subscription, window.sort, window.limit, bound_scope
+        )
+
     def unsubscribe(self, connection: WebSocketConnection, message: dict[str, Any]) -> None:
         sub_id = message.get("id")
-        if not valid_id(sub_id) or not drop_subscription(connection, sub_id):
+        valid = valid_id(sub_id)
+        left_window = valid and self.windows is not None and self.windows.leave(connection, sub_id)
+        if not valid or not (drop_subscription(connection, sub_id) or left_window):
             text = f"no subscription with id {sub_id!r}"
             send_error(connection, ErrorCode.BAD_MESSAGE, text, sub_id)
             return

@@ -11,6 +11,7 @@ import bson.errors
 from engine import protocol
 from engine.changes import narrow_fields
 from engine.delivery.view import Subscription, View
+from engine.delivery.windows import SortSpec, parse_limit, parse_sort
 from engine.protocol import ErrorCode
 from engine.query import QueryError, compile_query
 
@@ -18,10 +19,16 @@ if TYPE_CHECKING:
     from engine.hub import WebSocketConnection
 
 
+class WindowRequest(NamedTuple):
+    sort: SortSpec
+    limit: int
+
+
 class SubscribeRequest(NamedTuple):
     view: View
     subscription: Subscription
     snapshot: bool
+    window: WindowRequest | None  # `sort` / `limit`: a live window (SPEC 13)
 
 
 def parse_subscribe(
@@ -61,13 +68,37 @@ def parse_subscribe(
     if not isinstance(snapshot, bool):
         send_error(connection, ErrorCode.BAD_MESSAGE, "`snapshot` must be true or false", sub_id)
         return None
+    window = _window_request(connection, message, sub_id)
+    if window is False:
+        return None
     if _too_many_subscriptions(connection, sub_id, max_subscriptions):
         text = f"too many subscriptions on this connection (at most {max_subscriptions})"
         send_error(connection, ErrorCode.RATE_LIMITED, text, sub_id)
         return None
     fields = narrow_fields(view.binding.fields, tuple(requested) if requested is not None else None)
     subscription = Subscription(sub_id, view.binding.collection, matcher, fields)
-    return SubscribeRequest(view, subscription, snapshot)
+    return SubscribeRequest(view, subscription, snapshot, window or None)
+
+
+def _window_request(
+    connection: WebSocketConnection, message: dict[str, Any], sub_id: Any
+) -> WindowRequest | bool | None:
+    """The window asked for; None without `sort` / `limit`; False after answering an error."""
+    if "sort" not in message and "limit" not in message:
+        return None
+    if "limit" not in message:
+        text = "`sort` needs a `limit` (a window holds the first `limit` documents)"
+        send_error(connection, ErrorCode.BAD_MESSAGE, text, sub_id)
+        return False
+    limit = parse_limit(message["limit"])
+    if isinstance(limit, str):
+        send_error(connection, ErrorCode.BAD_MESSAGE, limit, sub_id)
+        return False
+    sort = parse_sort(message.get("sort", {"_id": 1}))
+    if isinstance(sort, str):
+        send_error(connection, ErrorCode.FORBIDDEN_FILTER, sort, sub_id)
+        return False
+    return WindowRequest(sort, limit)
 
 
 def drop_subscription(connection: WebSocketConnection, sub_id: Hashable) -> bool:

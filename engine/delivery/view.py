@@ -54,6 +54,7 @@ class Subscription:
     collection: str
     filter: Matcher
     fields: Fields
+    window: bool = False  # a window's place here: its changes come from the window itself
 
 
 def id_key(document_id: Any) -> Hashable:
@@ -154,9 +155,14 @@ class View:
         if self.known_ids.pop(key, 0) is None and self.index is not None:
             self.index.drop_known(key, self)
 
+    @property
+    def windows_only(self) -> bool:
+        """Every subscription is a window: the plain stream sends this view nothing."""
+        return bool(self.subscriptions) and all(s.window for s in self.subscriptions.values())
+
     def decide(self, event: ChangeEvent) -> Decision | None:
         """(operation, reason, fields) this connection gets for `event`, or None."""
-        if self.never:
+        if self.never or self.windows_only:
             return None
         operation = event.operation
         if operation == "delete":

@@ -37,11 +37,27 @@ function canonicalJson(value) {
   return JSON.stringify(value ?? null);
 }
 
-/** Documents per collection, kept from `change` and `snapshot` messages (no I/O). */
+/** Documents per collection, kept from `change`, `transaction` and `snapshot` messages (no I/O). */
 export class LocalView {
   constructor(lastEventId = null) {
     this.collections = new Map(); // collection -> Map(key -> document)
+    this.windows = new Map(); // window id -> {sort, limit, documents: Map(key -> document)}
+    this.windowOf = new Map(); // subscription id -> window id
     this.lastEventId = lastEventId;
+  }
+
+  /** A window subscription's documents in its order (SPEC 13); null before its snapshot. */
+  window(subscriptionId) {
+    const window = this.windows.get(this.windowOf.get(subscriptionId));
+    if (!window) return null;
+    const compare = (left, right) => {
+      for (const [path, direction] of window.sort) {
+        const order = compareJson(sortValue(left, path, direction < 0), sortValue(right, path, direction < 0));
+        if (order) return order * direction;
+      }
+      return 0;
+    };
+    return [...window.documents.values()].sort(compare);
   }
 
   documents(collection) {
@@ -52,7 +68,18 @@ export class LocalView {
   apply(message) {
     if (message.type === "change") return this.#applyChange(message);
     if (message.type === "snapshot") return this.#applySnapshot(message);
+    if (message.type === "transaction") return this.#applyTransaction(message);
     return null;
+  }
+
+  /** Every change of a transaction in one call: nobody observes half of it. */
+  #applyTransaction(message) {
+    let changed = null;
+    for (const change of Array.isArray(message.changes) ? message.changes : []) {
+      if (change && typeof change === "object") changed = this.#applyChange(change) ?? changed;
+    }
+    if (typeof message.id === "string") this.lastEventId = message.id;
+    return changed;
   }
 
   #collection(name) {
@@ -64,7 +91,13 @@ export class LocalView {
   #applyChange(message) {
     if (typeof message.id === "string") this.lastEventId = message.id;
     if (typeof message.collection !== "string") return null;
-    const documents = this.#collection(message.collection);
+    let documents;
+    if (message.window !== undefined) {
+      documents = this.windows.get(message.window)?.documents;
+      if (!documents) return null;
+    } else {
+      documents = this.#collection(message.collection);
+    }
     const key = documentKey(message.document_id);
     if (message.operation === "delete") {
       return documents.delete(key) ? message.collection : null;
@@ -80,10 +113,61 @@ export class LocalView {
     if (typeof message.collection !== "string") return null;
     const documents = new Map();
     for (const document of message.documents ?? []) documents.set(documentKey(document._id), document);
-    this.collections.set(message.collection, documents);
+    if (typeof message.window === "string") {
+      const sort = Object.entries(message.sort ?? { _id: 1 });
+      this.windows.set(message.window, { sort, limit: message.limit, documents });
+      this.windowOf.set(message.id, message.window);
+    } else {
+      this.collections.set(message.collection, documents);
+    }
     if (typeof message.event_id === "string") this.lastEventId = message.event_id;
     return message.collection;
   }
+}
+
+// BSON's order for the JSON types a client sees: null < numbers < strings < objects < arrays
+// < booleans (ObjectIds and dates arrive as strings and sort as such).
+function jsonRank(value) {
+  if (value === null || value === undefined) return 1;
+  if (typeof value === "number") return 2;
+  if (typeof value === "string") return 3;
+  if (Array.isArray(value)) return 5;
+  if (typeof value === "object") return 4;
+  if (typeof value === "boolean") return 8;
+  return 9;
+}
+
+function compareJson(left, right) {
+  if (left === EMPTY_ARRAY || right === EMPTY_ARRAY) return (right === EMPTY_ARRAY) - (left === EMPTY_ARRAY);
+  const rank = jsonRank(left) - jsonRank(right);
+  if (rank) return Math.sign(rank);
+  if (left === null || left === undefined) return 0;
+  if (typeof left === "object") return Math.sign(canonicalJson(left).localeCompare(canonicalJson(right)));
+  return left < right ? -1 : left > right ? 1 : 0;
+}
+
+const EMPTY_ARRAY = Symbol("empty array");
+
+// The value MongoDB sorts a document by: missing is null, an array by its smallest element
+// (largest when descending).
+function sortValue(document, path, descending) {
+  let values = [document];
+  for (const part of path.split(".")) {
+    const next = [];
+    for (const value of values) {
+      if (Array.isArray(value)) {
+        for (const element of value) if (element && typeof element === "object") next.push(element[part]);
+      } else if (value && typeof value === "object") next.push(value[part]);
+      else next.push(undefined);
+    }
+    values = next;
+  }
+  const leaves = values.flatMap((value) => (Array.isArray(value) ? value : [value]));
+  if (!leaves.length) return EMPTY_ARRAY;
+  return leaves.reduce((best, value) => {
+    const order = compareJson(value, best);
+    return (descending ? order > 0 : order < 0) ? value : best;
+  });
 }
 
 /** Delay before reconnect attempt n, in ms: initial x factor^n, capped, with jitter. */
@@ -186,6 +270,11 @@ export class RealtimeClient {
     this.#setState("closed");
   }
 
+  /** A window subscription's documents in its order; null before its snapshot. */
+  window(id) {
+    return this.view.window(id);
+  }
+
   /** Send a message to the app's handler; false when not connected. */
   send(message) {
     if (this.state !== "open") return false;
@@ -194,8 +283,10 @@ export class RealtimeClient {
   }
 
   /** Narrow what arrives from `collection` (kept across reconnects); the subscription id. */
-  subscribe(collection, { filter = null, fields = null, snapshot = true, id = null } = {}) {
-    const subscription = { id: id ?? `sub-${this._nextId++}`, collection, filter, fields, snapshot };
+  /** With `limit` (and `sort`), a live window: `window(id)` is its documents in order. */
+  subscribe(collection, { filter = null, fields = null, snapshot = true, id = null, sort = null, limit = null } = {}) {
+    if (limit !== null) snapshot = true; // a window always starts from its snapshot
+    const subscription = { id: id ?? `sub-${this._nextId++}`, collection, filter, fields, snapshot, sort, limit };
     this._subscriptions.set(subscription.id, subscription);
     if (this.state === "open") this.send(subscribeMessage(subscription, snapshot));
     return subscription.id;
@@ -423,11 +514,15 @@ class TokenRenewal {
   }
 }
 
-function subscribeMessage({ id, collection, filter, fields }, snapshot) {
+function subscribeMessage({ id, collection, filter, fields, sort, limit }, snapshot) {
   const message = { type: "subscribe", id, collection };
   if (filter) message.filter = filter;
   if (fields) message.fields = fields;
   if (snapshot) message.snapshot = true;
+  if (limit !== null && limit !== undefined) {
+    message.limit = limit;
+    if (sort) message.sort = sort;
+  }
   return message;
 }
 

@@ -1,0 +1,282 @@
+"""Live windows: what a change costs the server, and how many queries it makes.
+
+In one process: the engine's `Router` with its `Windows` (the same objects `serve` runs),
+fed by the engine's own `Watcher` on a real database (the embedded SecantusDB unless
+`MONGODB_URI` is set), and 1,000 connections whose frames are counted instead of written to
+sockets (the socket write is the same per frame whatever the window, and measured by
+bench/fanout.py). A writer in a child process changes the collection at `--rate` writes/s
+(80 % score updates, 10 % deletes, 10 % inserts, in batches every 0.1 s) for `--seconds`.
+
+Two cases, side by side in one run:
+- `same`: 1,000 clients subscribe to the same top-20 window (`sort: {score: -1}`, limit 20)
+  of the whole collection: one shared window.
+- `distinct`: 1,000 clients, each on its own board's top-20 (`filter: {board: i}`):
+  1,000 windows.
+
+Reported per case: changes routed, server CPU per change (this process: watcher, routing,
+windows and their queries; the writer runs elsewhere), database queries per change (loads
+excluded), refill queries per change that emptied a place of a full window, and frames
+encoded / sent per change. Settings: none changed from the engine's defaults.
+The machine is shared: read the ratios between the two cases, not the absolute figures.
+"writes/s done" is what the database took: the embedded database may not reach `--rate`.
+
+Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pymongo import AsyncMongoClient, DeleteOne, InsertOne, MongoClient, UpdateOne
+
+from bench import harness
+from engine.auth import Principal
+from engine.delivery.router import Router
+from engine.delivery.window_groups import Windows
+from engine.delivery.windows import SortSpec
+from engine.hub import WebSocketConnection
+from engine.manifest import parse_manifest
+from engine.transactions import Unit, events_of
+from engine.watcher import Watcher, enable_pre_images
+
+DOCUMENTS_PER_BOARD = 30
+LIMIT = 20
+MANIFEST = {
+    "slug": "game",
+    "name": "Game",
+    "websockets": {"live": {"path": "/ws", "auth": {"required": False}, "watch": {"scores": {}}}},
+}
+
+
+class CountingSink:
+    """Where a connection's frames go: counted, not written."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def offer(self, frame: str) -> bool:
+        self.frames += 1
+        return True
+
+    async def offer_paced(self, frame: str) -> bool:
+        return self.offer(frame)
+
+    def stop(self) -> None:
+        pass
+
+    def waiting_frames(self) -> int:
+        return 0
+
+
+def writer(uri: str, database: str, boards: int, rate: int, seconds: float) -> None:
+    """The child process: `rate` writes/s in batches every 0.1 s."""
+    collection = MongoClient(uri)[database]["game_scores"]
+    rng = random.Random(7)
+    batch = max(1, rate // 10)
+    next_id = boards * DOCUMENTS_PER_BOARD
+    deadline = time.monotonic() + seconds
+    tick = time.monotonic()
+    written = 0
+    while time.monotonic() < deadline:
+        operations: list[Any] = []
+        for _ in range(batch):
+            roll = rng.random()
+            if roll < 0.8:
+                target = rng.randrange(next_id)
+                operations.append(UpdateOne({"_id": target}, {"$set": {"score": rng.random()}}))
+            elif roll < 0.9:
+                operations.append(DeleteOne({"_id": rng.randrange(next_id)}))
+            else:
+                board = rng.randrange(boards)
+                operations.append(
+                    InsertOne({"_id": next_id, "board": board, "score": rng.random()})
+                )
+                next_id += 1
+        collection.bulk_write(operations, ordered=False)
+        written += len(operations)
+        tick += 0.1
+        time.sleep(max(0.0, tick - time.monotonic()))
+    print(written, flush=True)
+
+
+async def run_case(
+    uri: str, database: str, case: str, clients: int, rate: int, seconds: float
+) -> dict[str, Any]:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    collection = mongo[database]["game_scores"]
+    await collection.drop()
+    boards = clients
+    rng = random.Random(1)
+    await collection.insert_many(
+        [
+            {"_id": n, "board": n % boards, "score": rng.random()}
+            for n in range(boards * DOCUMENTS_PER_BOARD)
+        ]
+    )
+    await collection.create_index([("board", 1), ("score", -1)])
+    await collection.create_index([("score", -1)])
+    await enable_pre_images(mongo[database], ["game_scores"])  # as the engine does
+
+    router = Router()
+    manifest = parse_manifest(MANIFEST)
+    router.add_app(manifest, database)
+    queries = {"load": 0, "refill": 0}
+
+    async def window_documents(
+        _binding: Any, query: Any, sort: SortSpec, count: int, leave_out: Any
+    ) -> list[dict[str, Any]]:
+        queries["load" if not leave_out else "refill"] += 1
+        if leave_out:
+            query = {"$and": [query, {"_id": {"$nin": list(leave_out)}}]}
+        return [d async for d in collection.find(query).sort(list(sort)).limit(count)]
+
+    watcher_holder: list[Watcher] = []
+    router.windows = Windows(
+        window_documents, lambda _b: watcher_holder[0].position if watcher_holder else None
+    )
+    changes = {"count": 0}
+
+    def route(unit: Unit) -> None:
+        changes["count"] += len(events_of(unit))
+        router.route(unit)
+
+    stream_client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    watcher = Watcher(stream_client, database, router.namespaces()[database], route)
+    watcher_holder.append(watcher)
+    await watcher.start()
+
+    sinks = []
+    for n in range(clients):
+        connection = WebSocketConnection(
+            websocket=object(),
+            app_slug="game",
+            endpoint="live",
+            principal=Principal(user_id=f"u{n}"),
+        )
+        sink = CountingSink()
+        connection.sink = sink
+        sinks.append(sink)
+        router.attach(connection)
+        message: dict[str, Any] = {
+            "type": "subscribe",
+            "id": "top",
+            "collection": "scores",
+            "sort": {"score": -1},
+            "limit": LIMIT,
+        }
+        if case == "distinct":
+            message["filter"] = {"board": n}
+        outcome = router.subscribe(connection, message)
+        if outcome is not None:
+            await outcome
+    print(f"{case}: {clients} clients subscribed", file=sys.stderr, flush=True)
+    frames_before = sum(s.frames for s in sinks)
+    loads = queries["load"]
+
+    windows = router.windows
+    encoded_before = windows.stats.frames_encoded
+    cpu_before = time.process_time()
+    process = subprocess.Popen(
+        stdout=subprocess.PIPE,
+        args=[
+            sys.executable,
+            "-m",
+            "bench.windows",
+            "--writer",
+            uri,
+            database,
+            str(boards),
+            str(rate),
+            str(seconds),
+        ],
+    )
+    while process.poll() is None:
+        await asyncio.sleep(0.05)
+    if process.returncode != 0:
+        raise RuntimeError(f"the writer failed ({process.returncode})")
+    assert process.stdout is not None
+    written = int(process.stdout.read().decode().strip() or 0)
+    await _quiet(changes)
+    cpu = time.process_time() - cpu_before
+    await watcher.stop()
+    await stream_client.close()
+    await mongo.close()
+    count = max(1, changes["count"])
+    return {
+        "case": case,
+        "writes": written,
+        "windows": windows.group_count(),
+        "changes": changes["count"],
+        "cpu_us_per_change": cpu / count * 1e6,
+        "refill_queries": queries["refill"],
+        "refills_per_change": queries["refill"] / count,
+        "load_queries": loads,
+        "frames_encoded_per_change": (windows.stats.frames_encoded - encoded_before) / count,
+        "frames_sent_per_change": (sum(s.frames for s in sinks) - frames_before) / count,
+    }
+
+
+async def _quiet(changes: dict[str, int], quiet_seconds: float = 1.0) -> None:
+    """Until no change arrived for `quiet_seconds` (the stream has caught up)."""
+    seen = -1
+    while seen != changes["count"]:
+        seen = changes["count"]
+        await asyncio.sleep(quiet_seconds)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--writer":
+        uri, database, boards, rate, seconds = sys.argv[2:7]
+        writer(uri, database, int(boards), int(rate), float(seconds))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    rows = []
+    results = []
+    with harness.workspace() as workdir, harness.database(workdir, needed=True) as uri:
+        for case in ("same", "distinct"):
+            result = asyncio.run(
+                run_case(uri, f"bench_windows_{case}", case, args.clients, args.rate, args.seconds)
+            )
+            results.append(result)
+            rows.append(
+                [
+                    case,
+                    f"{result['writes'] / args.seconds:.0f}",
+                    result["windows"],
+                    result["changes"],
+                    f"{result['cpu_us_per_change']:.0f}",
+                    result["refill_queries"],
+                    f"{result['refills_per_change']:.3f}",
+                    f"{result['frames_encoded_per_change']:.2f}",
+                    f"{result['frames_sent_per_change']:.1f}",
+                ]
+            )
+    harness.print_table(
+        [
+            "case",
+            "writes/s done",
+            "windows",
+            "changes",
+            "CPU µs/change",
+            "refill queries",
+            "refills/change",
+            "frames encoded/change",
+            "frames sent/change",
+        ],
+        rows,
+    )
+    harness.write_results("windows", {"settings": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
