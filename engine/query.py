@@ -32,7 +32,7 @@ import operator
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from re import _constants as _sre_constants  # type: ignore[attr-defined]
 from re import _parser as _sre_parser  # type: ignore[attr-defined]
@@ -52,6 +52,7 @@ __all__ = [
     "Matcher",
     "QueryError",
     "compile_query",
+    "conjunction",
     "is_operator_document",
     "is_regex",
     "matches",
@@ -1424,3 +1425,23 @@ def sort_value(document: Mapping[str, Any], dotted: str, descending: bool) -> An
         if (order > 0) if descending else (order < 0):
             best = value
     return best
+
+
+def conjunction(queries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One query that matches what all of `queries` match.
+
+    Their fields stand side by side where no two name the same one, so the database can use
+    its indexes (some servers plan a top-level `$and` as a scan); the others join `$and`.
+    """
+    merged: dict[str, Any] = {}
+    rest: list[Mapping[str, Any]] = []
+    for query in queries:
+        if not query:
+            continue
+        if any(key in merged for key in query):
+            rest.append(query)
+        else:
+            merged.update(query)
+    if rest:
+        merged["$and"] = [*merged.get("$and", ()), *rest]
+    return merged

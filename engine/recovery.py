@@ -24,7 +24,7 @@ from engine.delivery.windows import SortSpec
 from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.protocol import ErrorCode, error_message
-from engine.query import substitute_placeholders
+from engine.query import conjunction, substitute_placeholders
 from engine.transactions import Unit
 from engine.watcher import Watcher
 
@@ -260,7 +260,7 @@ class Recovery:
             clauses.append(scope)
         if subscription.filter.query:
             clauses.append(subscription.filter.query)
-        return {"$and": clauses} if clauses else {}
+        return conjunction(clauses)
 
 
 def _database_of(connection: WebSocketConnection) -> str | None:

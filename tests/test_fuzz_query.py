@@ -42,6 +42,7 @@ from engine.query import (
     Matcher,
     QueryError,
     compile_query,
+    conjunction,
     substitute_placeholders,
     validate_query,
 )
@@ -313,3 +314,21 @@ def test_scopes_compile_with_any_plain_claim_value(team: Any, user: str, docs: l
     matcher = compile_query(bound)
     for document in docs:
         assert matcher(document) in (True, False)
+
+
+def _compiles(query: Any) -> bool:
+    try:
+        compile_query(query)
+    except (QueryError, TypeError, ValueError):
+        return False
+    return isinstance(query, dict)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queries=st.lists(filters.filter(_compiles), max_size=4), document=documents)
+def test_conjunction_matches_what_every_query_matches(
+    queries: list[dict[str, Any]], document: dict[str, Any]
+) -> None:
+    """Fields side by side mean the same as `$and` of the queries (SPEC 3 semantics)."""
+    expected = all(compile_query(query)(document) for query in queries)
+    assert compile_query(conjunction(queries))(document) is expected

@@ -94,12 +94,14 @@ def test_python_local_view_keeps_windows_and_applies_transactions_whole() -> Non
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node is not installed")
 def test_browser_local_view_keeps_windows_in_order(tmp_path: Path) -> None:
-    module = tmp_path / "realtime.mjs"
-    module.write_text(STATIC.read_text())
+    # The client's modules as the browser loads them (ES modules that import each other).
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    for source in STATIC.parent.glob("*.js"):
+        (tmp_path / source.name).write_text(source.read_text())
     script = tmp_path / "check.mjs"
     messages: list[dict[str, Any]] = [SNAPSHOT, MOVE, REORDER]
     script.write_text(
-        'import { LocalView } from "./realtime.mjs";\n'
+        'import { LocalView } from "./realtime.js";\n'
         "const view = new LocalView();\n"
         f"const messages = {json.dumps(messages)};\n"
         "const seen = messages.map((m) => { view.apply(m); "

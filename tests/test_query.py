@@ -23,6 +23,7 @@ from engine.query import (
     Matcher,
     QueryError,
     compile_query,
+    conjunction,
     matches,
     placeholders_in,
     substitute_placeholders,
@@ -877,3 +878,16 @@ def test_substituted_documents_stay_data() -> None:
     assert compile_query(substituted)({"team": {"$ne": 0}})
     listed = substitute_placeholders({"team": "$claims.teams"}, {"$claims.teams": ["a", "b"]})
     assert listed == {"team": ["a", "b"]}
+
+
+# -- conjunction: one query for several (snapshots and windows ask the database with it) -------
+
+
+def test_conjunction_puts_distinct_fields_side_by_side() -> None:
+    assert conjunction([{"a": 1}, {}, {"b": {"$gt": 2}}]) == {"a": 1, "b": {"$gt": 2}}
+    assert conjunction([]) == {}
+    assert conjunction([{"a": 1}, {"a": {"$gt": 0}}, {"$or": [{"x": 1}]}, {"$or": [{"y": 1}]}]) == {
+        "a": 1,
+        "$or": [{"x": 1}],
+        "$and": [{"a": {"$gt": 0}}, {"$or": [{"y": 1}]}],
+    }

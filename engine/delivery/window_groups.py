@@ -25,7 +25,7 @@ from engine.delivery.view import Binding, Subscription, View
 from engine.delivery.window_index import WindowIndex
 from engine.delivery.windows import SortSpec, WindowChange, WindowState
 from engine.protocol import ErrorCode, error_message
-from engine.query import Matcher
+from engine.query import Matcher, conjunction
 from engine.transactions import transaction_message
 
 if TYPE_CHECKING:
@@ -371,7 +371,7 @@ def _window_query(
     if subscription_filter.query:
         clauses.append(subscription_filter.query)
     clauses.append({"$or": [{"app_id": {"$exists": False}}, {"app_id": binding.app_slug}]})
-    return {"$and": clauses}
+    return conjunction(clauses)
 
 
 def _matcher(view: View, subscription: Subscription) -> Callable[[Mapping[str, Any]], bool]:
