@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from tests import databases
 from tests.support import (
@@ -110,3 +113,13 @@ APP_SERVER_LIMITS = {
     "MDB_REALTIME_QUEUE_MAX_MESSAGES": "500",
     "MDB_REALTIME_QUEUE_MAX_BYTES": str(2 * 1024 * 1024),
 }
+
+
+@pytest.fixture
+async def db(change_app: RunningApp) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """The database of `change_app`, for writes (modules with another app define their own)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(change_app.mongo_uri)
+    try:
+        yield client[change_app.db_name]
+    finally:
+        await client.close()

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from websockets.asyncio.client import ClientConnection
 
 from engine.auth import issue_token
 from tests.conftest import RunningApp
 from tests.support import TEST_SECRET, connect, receive_json, receive_until
-
-
-@pytest.fixture
-async def db(change_app: RunningApp) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(change_app.mongo_uri)
-    try:
-        yield client[change_app.db_name]
-    finally:
-        await client.close()
 
 
 async def client_for(

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,6 @@ async def open_ws(
     ws = await connect(url(app, user=user, **query), max_size=None)
     assert (await receive_json(ws))["type"] == "connected"
     return ws
-
-
-@pytest.fixture
-async def db(change_app: RunningApp) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(change_app.mongo_uri)
-    try:
-        yield client[change_app.db_name]
-    finally:
-        await client.close()
 
 
 async def test_resume_from_memory_sends_exactly_what_was_missed(

@@ -4,26 +4,14 @@ and no resume position inside a transaction is ever handed out."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import RunningApp
 from tests.support import connect, receive_json
 from tests.test_resume import open_ws, url
-
-
-@pytest.fixture
-async def db(change_app: RunningApp) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(change_app.mongo_uri)
-    try:
-        yield client[change_app.db_name]
-    finally:
-        await client.close()
 
 
 async def data_frame(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from websockets.asyncio.client import ClientConnection
 
@@ -16,15 +14,6 @@ from engine.localview import LocalView
 from tests.conftest import RunningApp
 from tests.support import receive_json
 from tests.test_resume import open_ws
-
-
-@pytest.fixture
-async def db(change_app: RunningApp) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(change_app.mongo_uri)
-    try:
-        yield client[change_app.db_name]
-    finally:
-        await client.close()
 
 
 async def next_message(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
