@@ -24,6 +24,12 @@ from engine.settings import EngineSettings
 def build(manifests: Path) -> FastAPI:
     engine = MongoDBEngine(os.environ["MONGODB_URI"], os.environ["MDB_REALTIME_DB"])
     app = engine.create_app(manifests)
+    add_bench_routes(app)
+    return app
+
+
+def add_bench_routes(app: FastAPI) -> None:
+    """POST BROADCAST_PATH (`broadcast_to_app` M times, paced) and GET COUNT_PATH."""
 
     async def send(message: dict[str, Any]) -> int:
         return await broadcast_to_app(SLUG, message)
@@ -35,8 +41,6 @@ def build(manifests: Path) -> FastAPI:
     @app.get(COUNT_PATH)
     async def count() -> dict[str, int]:
         return {"connections": (await get_websocket_manager(SLUG)).get_connection_count()}
-
-    return app
 
 
 def main() -> None:

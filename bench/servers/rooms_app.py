@@ -16,9 +16,10 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 
-from bench.servers.common import BROADCAST_PATH, COUNT_PATH, SLUG, BroadcastRequest, run
+from bench.servers.common import SLUG, BroadcastRequest, run
 from bench.servers.common import run_broadcasts as paced
-from engine import MongoDBEngine, broadcast_to_app, broadcast_to_room, get_websocket_manager
+from bench.servers.engine_app import add_bench_routes
+from engine import MongoDBEngine, broadcast_to_room
 from engine.cli import serve_app
 from engine.settings import EngineSettings
 
@@ -28,13 +29,7 @@ ROOM_BROADCAST_PATH = "/_bench/room_broadcast"
 def build(manifests: Path) -> FastAPI:
     engine = MongoDBEngine(os.environ["MONGODB_URI"], os.environ["MDB_REALTIME_DB"])
     app = engine.create_app(manifests)
-
-    async def to_app(message: dict[str, Any]) -> int:
-        return await broadcast_to_app(SLUG, message)
-
-    @app.post(BROADCAST_PATH)
-    async def broadcast(request: Request) -> dict[str, Any]:
-        return await paced(BroadcastRequest.from_query(request.url.query), to_app)
+    add_bench_routes(app)
 
     @app.post(ROOM_BROADCAST_PATH)
     async def room_broadcast(request: Request) -> dict[str, Any]:
@@ -45,10 +40,6 @@ def build(manifests: Path) -> FastAPI:
             return 0
 
         return await paced(BroadcastRequest.from_query(request.url.query), to_room)
-
-    @app.get(COUNT_PATH)
-    async def count() -> dict[str, int]:
-        return {"connections": (await get_websocket_manager(SLUG)).get_connection_count()}
 
     return app
 

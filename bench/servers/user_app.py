@@ -21,13 +21,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from bench.servers.common import BROADCAST_PATH, COUNT_PATH, SLUG, WS_PATH, BroadcastRequest
-from bench.servers.common import run_broadcasts as paced
+from bench.servers.common import SLUG, WS_PATH
+from bench.servers.engine_app import add_bench_routes
 from engine import (
     MongoDBEngine,
-    broadcast_to_app,
     create_websocket_endpoint,
-    get_websocket_manager,
 )
 
 BENCH_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "bench" / "manifest.json"
@@ -47,17 +45,7 @@ def _user_app(lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     async def items() -> list[dict[str, Any]]:
         return [{"id": 1}]
 
-    async def send(message: dict[str, Any]) -> int:
-        return await broadcast_to_app(SLUG, message)
-
-    @app.post(BROADCAST_PATH)
-    async def broadcast(request: Request) -> dict[str, Any]:
-        return await paced(BroadcastRequest.from_query(request.url.query), send)
-
-    @app.get(COUNT_PATH)
-    async def count() -> dict[str, int]:
-        return {"connections": (await get_websocket_manager(SLUG)).get_connection_count()}
-
+    add_bench_routes(app)
     return app
 
 
