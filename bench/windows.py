@@ -42,10 +42,11 @@ from engine.delivery.window_groups import Windows
 from engine.delivery.windows import SortSpec
 from engine.hub import WebSocketConnection
 from engine.manifest import parse_manifest
+from engine.recovery import find_window
 from engine.transactions import Unit, events_of
 from engine.watcher import Watcher, enable_pre_images
 
-DOCUMENTS_PER_BOARD = 30
+DOCUMENTS_PER_BOARD = 100  # more than a window and its reserve (20 + 20) hold
 LIMIT = 20
 MANIFEST = {
     "slug": "game",
@@ -74,12 +75,12 @@ class CountingSink:
         return 0
 
 
-def writer(uri: str, database: str, boards: int, rate: int, seconds: float) -> None:
+def writer(uri: str, database: str, boards: int, per_board: int, rate: int, seconds: float) -> None:
     """The child process: `rate` writes/s in batches every 0.1 s."""
     collection = MongoClient(uri)[database]["game_scores"]
     rng = random.Random(7)
     batch = max(1, rate // 10)
-    next_id = boards * DOCUMENTS_PER_BOARD
+    next_id = boards * per_board
     deadline = time.monotonic() + seconds
     tick = time.monotonic()
     written = 0
@@ -106,7 +107,7 @@ def writer(uri: str, database: str, boards: int, rate: int, seconds: float) -> N
 
 
 async def run_case(
-    uri: str, database: str, case: str, clients: int, rate: int, seconds: float
+    uri: str, database: str, case: str, clients: int, per_board: int, rate: int, seconds: float
 ) -> dict[str, Any]:
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
     collection = mongo[database]["game_scores"]
@@ -114,10 +115,7 @@ async def run_case(
     boards = clients
     rng = random.Random(1)
     await collection.insert_many(
-        [
-            {"_id": n, "board": n % boards, "score": rng.random()}
-            for n in range(boards * DOCUMENTS_PER_BOARD)
-        ]
+        [{"_id": n, "board": n % boards, "score": rng.random()} for n in range(boards * per_board)]
     )
     await collection.create_index([("board", 1), ("score", -1)])
     await collection.create_index([("score", -1)])
@@ -126,15 +124,17 @@ async def run_case(
     router = Router()
     manifest = parse_manifest(MANIFEST)
     router.add_app(manifest, database)
-    queries = {"load": 0, "refill": 0}
+    queries = {"load": 0, "refill": 0, "running": 0}
 
     async def window_documents(
         _binding: Any, query: Any, sort: SortSpec, count: int, leave_out: Any
     ) -> list[dict[str, Any]]:
         queries["load" if not leave_out else "refill"] += 1
-        if leave_out:
-            query = {"$and": [query, {"_id": {"$nin": list(leave_out)}}]}
-        return [d async for d in collection.find(query).sort(list(sort)).limit(count)]
+        queries["running"] += 1
+        try:
+            return await find_window(collection, query, sort, count, leave_out)  # the engine's
+        finally:
+            queries["running"] -= 1
 
     watcher_holder: list[Watcher] = []
     router.windows = Windows(
@@ -152,6 +152,7 @@ async def run_case(
     await watcher.start()
 
     sinks = []
+    started = time.monotonic()
     for n in range(clients):
         connection = WebSocketConnection(
             websocket=object(),
@@ -175,12 +176,14 @@ async def run_case(
         outcome = router.subscribe(connection, message)
         if outcome is not None:
             await outcome
+    subscribe_seconds = time.monotonic() - started
     print(f"{case}: {clients} clients subscribed", file=sys.stderr, flush=True)
     frames_before = sum(s.frames for s in sinks)
     loads = queries["load"]
 
     windows = router.windows
     encoded_before = windows.stats.frames_encoded
+    departures_before = windows.stats.departures
     cpu_before = time.process_time()
     process = subprocess.Popen(
         stdout=subprocess.PIPE,
@@ -192,6 +195,7 @@ async def run_case(
             uri,
             database,
             str(boards),
+            str(per_board),
             str(rate),
             str(seconds),
         ],
@@ -202,7 +206,7 @@ async def run_case(
         raise RuntimeError(f"the writer failed ({process.returncode})")
     assert process.stdout is not None
     written = int(process.stdout.read().decode().strip() or 0)
-    await _quiet(changes)
+    await _quiet(changes, queries)
     cpu = time.process_time() - cpu_before
     await watcher.stop()
     await stream_client.close()
@@ -217,35 +221,50 @@ async def run_case(
         "refill_queries": queries["refill"],
         "refills_per_change": queries["refill"] / count,
         "load_queries": loads,
+        "subscribe_seconds": subscribe_seconds,
+        "departures": windows.stats.departures - departures_before,
         "frames_encoded_per_change": (windows.stats.frames_encoded - encoded_before) / count,
         "frames_sent_per_change": (sum(s.frames for s in sinks) - frames_before) / count,
     }
 
 
-async def _quiet(changes: dict[str, int], quiet_seconds: float = 1.0) -> None:
-    """Until no change arrived for `quiet_seconds` (the stream has caught up)."""
+async def _quiet(
+    changes: dict[str, int], queries: dict[str, int], quiet_seconds: float = 1.0
+) -> None:
+    """Until no change arrived for `quiet_seconds` and no window query runs (the stream has
+    caught up and every window applied it)."""
     seen = -1
-    while seen != changes["count"]:
+    while seen != changes["count"] or queries["running"]:
         seen = changes["count"]
         await asyncio.sleep(quiet_seconds)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--writer":
-        uri, database, boards, rate, seconds = sys.argv[2:7]
-        writer(uri, database, int(boards), int(rate), float(seconds))
+        uri, database, boards, per_board, rate, seconds = sys.argv[2:8]
+        writer(uri, database, int(boards), int(per_board), int(rate), float(seconds))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--per-board", type=int, default=DOCUMENTS_PER_BOARD)
+    parser.add_argument("--cases", default="same,distinct")
     args = parser.parse_args()
     rows = []
     results = []
     with harness.workspace() as workdir, harness.database(workdir, needed=True) as uri:
-        for case in ("same", "distinct"):
+        for case in args.cases.split(","):
             result = asyncio.run(
-                run_case(uri, f"bench_windows_{case}", case, args.clients, args.rate, args.seconds)
+                run_case(
+                    uri,
+                    f"bench_windows_{case}",
+                    case,
+                    args.clients,
+                    args.per_board,
+                    args.rate,
+                    args.seconds,
+                )
             )
             results.append(result)
             rows.append(
@@ -254,7 +273,9 @@ def main() -> None:
                     f"{result['writes'] / args.seconds:.0f}",
                     result["windows"],
                     result["changes"],
+                    f"{result['subscribe_seconds']:.1f}",
                     f"{result['cpu_us_per_change']:.0f}",
+                    result["departures"],
                     result["refill_queries"],
                     f"{result['refills_per_change']:.3f}",
                     f"{result['frames_encoded_per_change']:.2f}",
@@ -267,7 +288,9 @@ def main() -> None:
             "writes/s done",
             "windows",
             "changes",
+            "subscribe s",
             "CPU µs/change",
+            "departures",
             "refill queries",
             "refills/change",
             "frames encoded/change",

@@ -82,12 +82,7 @@ class Recovery:
         count: int,
         leave_out: Sequence[Any],
     ) -> list[dict[str, Any]]:
-        """One bounded query: the first `count` matching documents in order, without the
-        ones already in the window."""
-        if leave_out:
-            query = {"$and": [query, {"_id": {"$nin": list(leave_out)}}]}
-        cursor = self.collection_of(binding).find(query).sort(list(sort)).limit(count)
-        return [document async for document in cursor]
+        return await find_window(self.collection_of(binding), query, sort, count, leave_out)
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -268,3 +263,18 @@ def _database_of(connection: WebSocketConnection) -> str | None:
         database: str = view.binding.database
         return database
     return None
+
+
+async def find_window(
+    collection: AsyncCollection[dict[str, Any]],
+    query: Mapping[str, Any],
+    sort: SortSpec,
+    count: int,
+    leave_out: Sequence[Any],
+) -> list[dict[str, Any]]:
+    """One bounded query: the first `count` matching documents in order, without the ones
+    a window already knows (their fields side by side: see `query.conjunction`)."""
+    if leave_out:
+        query = conjunction([query, {"_id": {"$nin": list(leave_out)}}])
+    cursor = collection.find(query).sort(list(sort)).limit(count)
+    return [document async for document in cursor]

@@ -30,7 +30,7 @@ from tests.test_resume import open_ws
 MISSING = "<missing>"
 SORT_VALUES = st.one_of(st.integers(-2, 2), st.sampled_from(["a", "b", MISSING, True]), st.none())
 OWNERS = st.sampled_from(["ann", "ann", "bob"])
-SLOTS = 10  # document ids drawn from this many
+SLOTS = 14  # document ids drawn from this many: more than a window and its reserve
 
 document = st.fixed_dictionaries(
     {"owner_id": OWNERS, "grp": st.integers(0, 1), "k": SORT_VALUES, "j": SORT_VALUES}
@@ -52,7 +52,7 @@ window = st.fixed_dictionaries(
         "sort": st.sampled_from(
             [{"k": 1}, {"k": -1}, {"k": 1, "j": -1}, {"j": -1, "k": 1}, {"grp": 1, "k": -1}]
         ),
-        "limit": st.integers(1, 4),
+        "limit": st.integers(1, 3),
         "by_group": st.booleans(),
     }
 )

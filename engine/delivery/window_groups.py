@@ -44,6 +44,7 @@ WindowQuery = Callable[
 class WindowStats:
     load_queries: int = 0
     refill_queries: int = 0
+    departures: int = 0  # members a change took out of a window (deleted, moved, pushed out)
     frames_encoded: int = 0
 
 
@@ -204,7 +205,9 @@ class Windows:
         changes = [] if changes is None else changes
         for position, event in enumerate(events):
             last = event
-            changes.extend(group.state.apply(event))
+            applied = group.state.apply(event)
+            self.stats.departures += sum(change.operation == "delete" for change in applied)
+            changes.extend(applied)
             if group.state.needs_refill:
                 loop = asyncio.get_running_loop()
                 group.busy = loop.create_future()
@@ -236,7 +239,7 @@ class Windows:
             self.stats.refill_queries += 1
             state = group.state
             documents = await self._query(
-                group.binding, group.query, state.spec, state.refill_size(), state.member_ids()
+                group.binding, group.query, state.spec, state.refill_size(), state.known_ids()
             )
             changes.extend(state.refilled(documents))
         except Exception as error:  # the database failed: members must rebuild their window
@@ -308,7 +311,7 @@ class Windows:
             self.stats.load_queries += 1
             state = group.state
             documents = await self._query(
-                group.binding, group.query, state.spec, state.limit + 1, []
+                group.binding, group.query, state.spec, state.load_size(), []
             )
             state.load(documents)
         except Exception as error:

@@ -1,12 +1,13 @@
 """Windows: the first `limit` matching documents in a sort order, kept as changes arrive.
 
-A `WindowState` holds the documents of one window (pure, no I/O). For each change it says
-what a client applying its messages must do: `insert` with reason `entered_window`, `delete`
-with reason `left_window` (plain `delete` when the document was deleted), or `update`. When a
-document leaves a window that may have more matching documents beyond it, the state asks for
-a refill: the best documents outside it, read from the database by one bounded query
-(`refill_query`). A member that moves to the last place of such a window is held in limbo
-until that query says whether an outside document now sorts before it.
+A `WindowState` holds the documents of one window and a reserve of the ones after it (pure,
+no I/O). For each change it says what a client applying its messages must do: `insert` with
+reason `entered_window`, `delete` with reason `left_window` (plain `delete` when the document
+was deleted), or `update`. A member that leaves is replaced by the reserve's first. Only when
+the window itself runs short (the reserve is used up) and more matching documents may lie
+beyond does the state ask for a refill: the best documents outside the known ones, read from
+the database by one bounded query. A member that moves beyond everything known while the
+window runs short is held in limbo until that query says whether it is still in.
 
 Order is MongoDB's: BSON comparison order across types (`engine.query.compare_values`),
 missing and null equal, arrays by their smallest (ascending) or largest (descending)
@@ -28,6 +29,7 @@ from engine.query import compare_values, sort_value
 LEFT_WINDOW = "left_window"
 ENTERED_WINDOW = "entered_window"
 MAX_WINDOW_LIMIT = 1000
+MAX_RESERVE = 100  # documents kept beyond a window, so most departures need no query
 
 SortSpec = tuple[tuple[str, int], ...]  # (path, 1 | -1), ending with ("_id", ...) always
 
@@ -84,12 +86,18 @@ class WindowChange(NamedTuple):
 
 @dataclass
 class WindowState:
-    """The members of one window, in order, and whether documents may lie beyond it."""
+    """The documents of one window and a reserve of the ones that come next, in order.
+
+    `entries` is always the first `len(entries)` matching documents: the window is its first
+    `limit`, the rest the reserve (up to `reserve` more). A member that leaves is replaced
+    from the reserve without asking the database; only a window that runs short asks.
+    """
 
     spec: SortSpec
     limit: int
     matches: Callable[[Mapping[str, Any]], bool]
-    # No matching document outside the window (known when a query returned fewer).
+    reserve: int = -1  # -1: min(limit, MAX_RESERVE)
+    # No matching document beyond `entries` (known when a query returned fewer).
     exhausted: bool = False
     entries: list[tuple[Any, Hashable]] = field(default_factory=list)  # (sort key, id key)
     documents: dict[Hashable, Mapping[str, Any]] = field(default_factory=dict)
@@ -98,29 +106,42 @@ class WindowState:
 
     def __post_init__(self) -> None:
         self._key = sort_key(self.spec)
+        if self.reserve < 0:
+            self.reserve = min(self.limit, MAX_RESERVE)
+
+    @property
+    def capacity(self) -> int:
+        return self.limit + self.reserve
 
     # -- loading --------------------------------------------------------------------------------
 
+    def load_size(self) -> int:
+        """How many documents the loading query asks for: the window, the reserve, and one
+        to know whether more lie beyond."""
+        return self.capacity + 1
+
     def load(self, documents: list[Mapping[str, Any]]) -> None:
-        """The result of `find(...).sort(spec).limit(limit + 1)`."""
+        """The result of `find(...).sort(spec).limit(load_size())`."""
         self.entries, self.documents, self.limbo = [], {}, {}
-        for document in documents[: self.limit]:
+        for document in documents[: self.capacity]:
             self._insert(document)
-        self.exhausted = len(documents) <= self.limit
+        self.exhausted = len(documents) <= self.capacity
 
     def ordered(self) -> list[Mapping[str, Any]]:
-        return [self.documents[key] for _, key in self.entries]
+        """The window's documents in order (the reserve is not shown)."""
+        return [self.documents[key] for _, key in self.entries[: self.limit]]
 
     @property
     def needs_refill(self) -> bool:
         return not self.exhausted and (len(self.entries) < self.limit or bool(self.limbo))
 
     def refill_size(self) -> int:
-        """How many documents the refill query asks for: the empty places, plus one to know
-        whether more lie beyond."""
-        return self.limit - len(self.entries) + 1
+        """How many documents the refill query asks for: the empty places of the window and
+        the reserve, plus one to know whether more lie beyond."""
+        return self.capacity - len(self.entries) + 1
 
-    def member_ids(self) -> list[Any]:
+    def known_ids(self) -> list[Any]:
+        """The ids the refill query leaves out: window and reserve."""
         return [self.documents[key]["_id"] for _, key in self.entries]
 
     # -- changes --------------------------------------------------------------------------------
@@ -138,7 +159,7 @@ class WindowState:
                 return []
             return [self._gone(event)]
         if key in self.documents:
-            return self._member_changed(event, key, document if matching else None)
+            return self._known_changed(event, key, document if matching else None)
         if not matching:
             return []
         assert document is not None
@@ -148,60 +169,82 @@ class WindowState:
         reason = None if event.operation == "delete" else LEFT_WINDOW
         return WindowChange("delete", reason, event.document_id, None)
 
-    def _member_changed(
+    def _known_changed(
         self, event: ChangeEvent, key: Hashable, document: Mapping[str, Any] | None
     ) -> list[WindowChange]:
-        self._remove(key)
+        was_shown = self._remove(key) < self.limit
+        left = WindowChange("delete", LEFT_WINDOW, event.document_id, None)
         if document is None:
-            return [self._gone(event)]
-        entry = (self._sort_key(document), key)
-        if self.exhausted or (self.entries and entry < self.entries[-1]):
-            self._insert(document)
-            return [WindowChange("update", None, event.document_id, document)]
-        # The last place of a window with more beyond: an outside document may now come first.
-        self.limbo[key] = document
+            return [self._gone(event), *self._promote()] if was_shown else []
+        if self._belongs(document, key):
+            shown = self._insert(document) < self.limit
+            if was_shown and shown:
+                return [WindowChange("update", None, event.document_id, document)]
+            if was_shown:  # down into the reserve: the reserve's first takes its place
+                return [left, *self._promote()]
+            if shown:  # up from the reserve: the window's last makes room
+                return [
+                    self._left(self.limit),
+                    WindowChange("insert", ENTERED_WINDOW, event.document_id, document),
+                ]
+            return []
+        # It now sorts beyond everything known, where unknown documents may come first.
+        if not was_shown:
+            return []
+        if len(self.entries) >= self.limit:
+            return [left, *self._promote()]
+        self.limbo[key] = document  # the refill query says whether it is still in
         return []
 
     def _outsider_matches(
         self, event: ChangeEvent, document: Mapping[str, Any]
     ) -> list[WindowChange]:
-        if len(self.entries) < self.limit and self.exhausted:
-            self._insert(document)
-            return [WindowChange("insert", ENTERED_WINDOW, event.document_id, document)]
-        if (
-            self.entries
-            and (self._sort_key(document), id_key(event.document_id)) < (self.entries[-1])
+        key = id_key(event.document_id)
+        if not self._belongs(document, key) or (
+            len(self.entries) >= self.capacity and not self._before_last(document, key)
         ):
-            changes = []
-            if len(self.entries) >= self.limit:
-                changes.append(self._evict_last())
-            self._insert(document)
+            self.exhausted = False  # it lies beyond what is known now
+            return []
+        changes = []
+        if self._insert(document) < self.limit:
+            if len(self.entries) > self.limit:
+                changes.append(self._left(self.limit))
             changes.append(WindowChange("insert", ENTERED_WINDOW, event.document_id, document))
-            self.exhausted = False
-            return changes
-        self.exhausted = False  # it lies beyond the window now
-        return []
+        if len(self.entries) > self.capacity:
+            self._drop_last()
+        return changes
 
     def refilled(self, documents: list[Mapping[str, Any]]) -> list[WindowChange]:
-        """Merge the refill query's answer (best documents outside the members, in order)."""
-        wanted = self.limit - len(self.entries)
-        changes: list[WindowChange] = []
+        """Merge the refill query's answer (best documents outside the known ones, in order)."""
+        shown_before = {key: self.documents[key]["_id"] for _, key in self.entries[: self.limit]}
         limbo, self.limbo = self.limbo, {}
+        wanted = self.capacity - len(self.entries)
         for document in documents[:wanted]:
-            key = id_key(document["_id"])
-            if key in self.documents:
+            if id_key(document["_id"]) not in self.documents:
+                self._insert(document)
+        self.exhausted = len(documents) <= wanted
+        while len(self.entries) > self.capacity:
+            self._drop_last()
+        shown = [key for _, key in self.entries[: self.limit]]
+        shown_now = set(shown)
+        changes = [
+            WindowChange("delete", LEFT_WINDOW, document_id, None)
+            for key, document_id in shown_before.items()
+            if key not in shown_now
+        ]
+        changes.extend(
+            WindowChange("delete", LEFT_WINDOW, document["_id"], None)
+            for key, document in limbo.items()
+            if key not in shown_now
+        )
+        for key in shown:
+            if key in shown_before:
                 continue
-            self._insert(document)
-            if limbo.pop(key, None) is not None:
+            document = self.documents[key]
+            if key in limbo:
                 changes.append(WindowChange("update", None, document["_id"], document))
             else:
                 changes.append(WindowChange("insert", ENTERED_WINDOW, document["_id"], document))
-        for document in limbo.values():
-            changes.append(WindowChange("delete", LEFT_WINDOW, document["_id"], None))
-        self.exhausted = len(documents) <= wanted
-        while len(self.entries) > self.limit:
-            changes.append(self._evict_last())
-            self.exhausted = False
         return changes
 
     # -- order ------------------------------------------------------------------------------------
@@ -210,21 +253,49 @@ class WindowState:
         assert self._key is not None
         return self._key(document)
 
-    def _insert(self, document: Mapping[str, Any]) -> None:
-        key = id_key(document["_id"])
-        bisect.insort(self.entries, (self._sort_key(document), key))
-        self.documents[key] = document
+    def _before_last(self, document: Mapping[str, Any], key: Hashable) -> bool:
+        return bool(self.entries) and (self._sort_key(document), key) < self.entries[-1]
 
-    def _remove(self, key: Hashable) -> None:
+    def _belongs(self, document: Mapping[str, Any], key: Hashable) -> bool:
+        """Whether a matching document falls among the known ones (not beyond them)."""
+        return self.exhausted or self._before_last(document, key)
+
+    def _insert(self, document: Mapping[str, Any]) -> int:
+        """File a document; its position."""
+        key = id_key(document["_id"])
+        entry = (self._sort_key(document), key)
+        position = bisect.bisect_left(self.entries, entry)
+        self.entries.insert(position, entry)
+        self.documents[key] = document
+        return position
+
+    def _remove(self, key: Hashable) -> int:
+        """Take a document out; the position it had."""
         document = self.documents.pop(key)
         entry = (self._sort_key(document), key)
         position = bisect.bisect_left(self.entries, entry)
         if position < len(self.entries) and self.entries[position][1] == key:
             del self.entries[position]
-        else:  # never expected: keys are total; fall back to a scan
-            self.entries = [e for e in self.entries if e[1] != key]
+            return position
+        # never expected: keys are total; fall back to a scan
+        position = next(n for n, e in enumerate(self.entries) if e[1] == key)
+        del self.entries[position]
+        return position
 
-    def _evict_last(self) -> WindowChange:
-        _, key = self.entries.pop()
-        document = self.documents.pop(key)
+    def _promote(self) -> list[WindowChange]:
+        """After a member left: the reserve's first, if any, enters the window."""
+        if len(self.entries) < self.limit:
+            return []
+        document = self.documents[self.entries[self.limit - 1][1]]
+        return [WindowChange("insert", ENTERED_WINDOW, document["_id"], document)]
+
+    def _left(self, position: int) -> WindowChange:
+        """The document at `position` was pushed out of the window (it stays known)."""
+        document = self.documents[self.entries[position][1]]
         return WindowChange("delete", LEFT_WINDOW, document["_id"], None)
+
+    def _drop_last(self) -> None:
+        """Forget the last known document: the reserve is full."""
+        _, key = self.entries.pop()
+        del self.documents[key]
+        self.exhausted = False
