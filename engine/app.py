@@ -87,6 +87,7 @@ class MongoDBEngine:
             snapshot_limit=self.settings.snapshot_limit,
         )
         self.router.snapshots = self.recovery.snapshot
+        self.metrics.add_windows(self.recovery.windows)
         self.origin = uuid.uuid4().hex  # this process on the bus
         self.router.origin = self.origin
         self.rooms = Rooms(

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.delivery.window_groups import Windows
 from engine.realtime import Realtime
 from engine.stats import EndpointStats, EngineStats
 
@@ -105,12 +106,40 @@ class _StatsCollector(Collector):
         yield from (events_in, lag, last)
 
 
+class _WindowsCollector(Collector):
+    """The live windows (SPEC 13): how many, and the database queries they made."""
+
+    def __init__(self, windows: Windows) -> None:
+        self._windows = windows
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._windows.stats
+        kept = GaugeMetricFamily("mdb_realtime_windows", "Live windows kept (shared ones once)")
+        kept.add_metric([], self._windows.group_count())
+        queries = CounterMetricFamily(
+            "mdb_realtime_window_queries",
+            "Database queries of live windows: `load` when one starts, `refill` when one ran short",
+            labels=["kind"],
+        )
+        queries.add_metric(["load"], stats.load_queries)
+        queries.add_metric(["refill"], stats.refill_queries)
+        departures = CounterMetricFamily(
+            "mdb_realtime_window_departures",
+            "Documents a change took out of a live window",
+        )
+        departures.add_metric([], stats.departures)
+        yield from (kept, queries, departures)
+
+
 class EngineMetrics:
     def __init__(self, realtime: Realtime, stats: EngineStats | None = None) -> None:
         self.stats = stats if stats is not None else EngineStats()
         self.registry = CollectorRegistry()
         self.registry.register(_ConnectionsCollector(realtime))
         self.registry.register(_StatsCollector(self.stats))
+
+    def add_windows(self, windows: Windows) -> None:
+        self.registry.register(_WindowsCollector(windows))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -68,7 +68,7 @@ class Recovery:
         self.collection_of = collection_of
         self.snapshot_limit = snapshot_limit
         self.on_resume = on_resume or (lambda _source: None)
-        router.windows = Windows(self._window_documents, self._position_of)
+        self.windows = router.windows = Windows(self._window_documents, self._position_of)
 
     def _position_of(self, binding: Binding) -> str | None:
         watcher = self.watchers.get(binding.database)

@@ -6,7 +6,9 @@ import json
 import uuid
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo.asynchronous.database import AsyncDatabase
 from websockets.asyncio.client import ClientConnection
 
@@ -103,6 +105,84 @@ async def test_a_window_keeps_the_top_documents_across_moves_and_deletes(
         assert ids(view.window("top")) == await expected(
             db, "shop_news", {"tag": tag}, [("score", -1)], 3
         )
+    finally:
+        await ws.close()
+
+
+async def window_queries(app: RunningApp) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=app.server.url) as http:
+        text = (await http.get("/metrics")).text
+    return {
+        sample.labels.get("kind", sample.name): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name in ("mdb_realtime_window_queries", "mdb_realtime_window_departures")
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+async def test_departures_are_replaced_from_the_reserve_and_a_short_window_asks_once(
+    change_app: RunningApp, db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    tag = uuid.uuid4().hex
+    news = db["shop_news"]
+    await news.insert_many([{"_id": f"{tag}-{n}", "tag": tag, "score": n} for n in range(8)])
+    ws = await open_ws(change_app)
+    view = LocalView()
+    try:
+        # Window of 2 and a reserve of 2: scores 7, 6 shown; 5, 4 known.
+        await subscribe_window(
+            ws, view, "top", collection="news", filter={"tag": tag}, sort={"score": -1}, limit=2
+        )
+        before = await window_queries(change_app)
+        for n, refills in ((7, 0), (6, 0), (5, 1), (4, 1), (3, 1), (2, 2)):
+            await news.delete_one({"_id": f"{tag}-{n}"})
+            frame = await next_message(ws)
+            view.apply(frame)
+            assert ids(view.window("top")) == await expected(
+                db, "shop_news", {"tag": tag}, [("score", -1)], 2
+            )
+            now = await window_queries(change_app)
+            assert now["refill"] - before["refill"] == refills, n
+        assert (
+            now["mdb_realtime_window_departures_total"]
+            - before["mdb_realtime_window_departures_total"]
+            == 6
+        )
+        assert now["load"] == before["load"]
+    finally:
+        await ws.close()
+
+
+async def test_a_window_holds_only_documents_of_its_app(
+    change_app: RunningApp, db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    """Documents written for another app (`app_id`) never enter, not even from the database."""
+    tag = uuid.uuid4().hex
+    news = db["shop_news"]
+    foreign = [("null", 10, None), ("blog", 9, "blog"), ("blog2", 2.5, "blog")]
+    await news.insert_many(
+        [
+            {"_id": f"{tag}-{name}", "tag": tag, "score": score, "app_id": app}
+            for name, score, app in foreign
+        ]
+        + [{"_id": f"{tag}-p{n}", "tag": tag, "score": 3 - n} for n in range(3)]
+        + [{"_id": f"{tag}-own", "tag": tag, "score": 0, "app_id": "shop"}]
+    )
+    ws = await open_ws(change_app)
+    view = LocalView()
+    try:
+        # A window of 1 and a reserve of 1: p0 shown, p1 known.
+        snapshot = await subscribe_window(
+            ws, view, "top", collection="news", filter={"tag": tag}, sort={"score": -1}, limit=1
+        )
+        assert ids(snapshot["documents"]) == [f"{tag}-p0"]
+        await news.insert_one({"_id": f"{tag}-late", "tag": tag, "score": 9, "app_id": "blog"})
+        for gone, shown in (("p0", "p1"), ("p1", "p2"), ("p2", "own")):
+            # After p1 the window runs short: the refill query leaves blog2 out.
+            await news.delete_one({"_id": f"{tag}-{gone}"})
+            view.apply(await next_message(ws))
+            assert ids(view.window("top")) == [f"{tag}-{shown}"]
     finally:
         await ws.close()
 

@@ -373,7 +373,9 @@ def _window_query(
         clauses.append(bound_scope)
     if subscription_filter.query:
         clauses.append(subscription_filter.query)
-    clauses.append({"$or": [{"app_id": {"$exists": False}}, {"app_id": binding.app_slug}]})
+    # "No app_id, or this app's", without a top-level `$or`: some servers plan any top-level
+    # operator as a collection scan, and this clause sits in every window query.
+    clauses.append({"app_id": {"$not": {"$exists": True, "$ne": binding.app_slug}}})
     return conjunction(clauses)
 
 
