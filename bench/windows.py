@@ -1,26 +1,33 @@
 """Live windows: what a change costs the server, and how many queries it makes.
 
-In one process: the engine's `Router` with its `Windows` (the same objects `serve` runs),
-fed by the engine's own `Watcher` on a real database (the embedded SecantusDB unless
-`MONGODB_URI` is set), and 1,000 connections whose frames are counted instead of written to
-sockets (the socket write is the same per frame whatever the window, and measured by
-bench/fanout.py). A writer in a child process changes the collection at `--rate` writes/s
-(80 % score updates, 10 % deletes, 10 % inserts, in batches every 0.1 s) for `--seconds`.
+In one process: the engine's `Router` with its `Windows` (the same objects `serve` runs) and
+its window query (`engine.recovery.find_window`), fed by the engine's own `Watcher` on a
+real database (the embedded SecantusDB unless `MONGODB_URI` is set), and 1,000 connections
+whose frames are counted instead of written to sockets (the socket write is the same per
+frame whatever the window, and measured by bench/fanout.py). The collection holds
+`--per-board` documents for each of the 1,000 boards (100,000), indexed on `{board, score}`
+and `{score}`. A writer in a child process changes it at `--rate` writes/s (80 % score
+updates to a random value, 10 % deletes, 10 % inserts, in batches every 0.1 s) for
+`--seconds`.
 
-Two cases, side by side in one run:
+Cases, side by side in one run:
 - `same`: 1,000 clients subscribe to the same top-20 window (`sort: {score: -1}`, limit 20)
   of the whole collection: one shared window.
 - `distinct`: 1,000 clients, each on its own board's top-20 (`filter: {board: i}`):
   1,000 windows.
+- `same/no-reserve`, `distinct/no-reserve` (not run unless asked for in `--cases`): the
+  same, with windows that keep no reserve (`MAX_RESERVE = 0` instead of the engine's 100),
+  to show what the reserve saves.
 
-Reported per case: changes routed, server CPU per change (this process: watcher, routing,
-windows and their queries; the writer runs elsewhere), database queries per change (loads
-excluded), refill queries per change that emptied a place of a full window, and frames
-encoded / sent per change. Settings: none changed from the engine's defaults.
-The machine is shared: read the ratios between the two cases, not the absolute figures.
-"writes/s done" is what the database took: the embedded database may not reach `--rate`.
+Reported per case: writes/s the database took, changes routed, the seconds the 1,000
+subscriptions took (their loads), server CPU per change (this process: watcher, routing,
+windows and their queries; the writer runs elsewhere), departures (members a change took
+out of a window: the places that emptied), refill queries and refills per change, and
+frames encoded / sent per change. Settings: none changed from the engine's defaults, except
+the reserve in the `/no-reserve` cases.
+The machine is shared: read the ratios between the cases, not the absolute figures.
 
-Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5]
+Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5] [--cases same,distinct]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pymongo import AsyncMongoClient, DeleteOne, InsertOne, MongoClient, UpdateO
 
 from bench import harness
 from engine.auth import Principal
+from engine.delivery import windows as windows_module
 from engine.delivery.router import Router
 from engine.delivery.window_groups import Windows
 from engine.delivery.windows import SortSpec
@@ -171,7 +179,7 @@ async def run_case(
             "sort": {"score": -1},
             "limit": LIMIT,
         }
-        if case == "distinct":
+        if case.startswith("distinct"):
             message["filter"] = {"board": n}
         outcome = router.subscribe(connection, message)
         if outcome is not None:
@@ -253,12 +261,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     results = []
+    default_reserve = windows_module.MAX_RESERVE
     with harness.workspace() as workdir, harness.database(workdir, needed=True) as uri:
         for case in args.cases.split(","):
+            windows_module.MAX_RESERVE = 0 if case.endswith("/no-reserve") else default_reserve
             result = asyncio.run(
                 run_case(
                     uri,
-                    f"bench_windows_{case}",
+                    f"bench_windows_{case.replace('/', '_').replace('-', '_')}",
                     case,
                     args.clients,
                     args.per_board,
