@@ -15,6 +15,8 @@ Cases, side by side in one run:
   of the whole collection: one shared window.
 - `distinct`: 1,000 clients, each on its own board's top-20 (`filter: {board: i}`):
   1,000 windows.
+- `none`: no clients, so the engine only reads and routes the changes: the base cost of a
+  change, before any window.
 - `same/no-reserve`, `distinct/no-reserve` (not run unless asked for in `--cases`): the
   same, with windows that keep no reserve (`MAX_RESERVE = 0` instead of the engine's 100),
   to show what the reserve saves.
@@ -27,7 +29,8 @@ frames encoded / sent per change. Settings: none changed from the engine's defau
 the reserve in the `/no-reserve` cases.
 The machine is shared: read the ratios between the cases, not the absolute figures.
 
-Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5] [--cases same,distinct]
+Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5]
+     [--cases none,same,distinct,same/no-reserve,distinct/no-reserve]
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ async def run_case(
 
     sinks = []
     started = time.monotonic()
-    for n in range(clients):
+    for n in range(clients if case != "none" else 0):
         connection = WebSocketConnection(
             websocket=object(),
             app_slug="game",
@@ -257,7 +260,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--per-board", type=int, default=DOCUMENTS_PER_BOARD)
-    parser.add_argument("--cases", default="same,distinct")
+    parser.add_argument("--cases", default="none,same,distinct")
     args = parser.parse_args()
     rows = []
     results = []
