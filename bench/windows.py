@@ -15,9 +15,11 @@ Cases, side by side in one run:
   of the whole collection: one shared window.
 - `distinct`: 1,000 clients, each on its own board's top-20 (`filter: {board: i}`):
   1,000 windows.
+- `hot`: 1,000 clients on the same top-20 of board 0, and every write goes to board 0's
+  documents: one shared window whose members change all the time.
 - `none`: no clients, so the engine only reads and routes the changes: the base cost of a
   change, before any window.
-- `same/no-reserve`, `distinct/no-reserve` (not run unless asked for in `--cases`): the
+- `<case>/no-reserve` (not run unless asked for in `--cases`): the
   same, with windows that keep no reserve (`MAX_RESERVE = 0` instead of the engine's 100),
   to show what the reserve saves.
 
@@ -30,7 +32,7 @@ the reserve in the `/no-reserve` cases.
 The machine is shared: read the ratios between the cases, not the absolute figures.
 
 Run: python -m bench.windows [--clients 1000] [--rate 1000] [--seconds 5]
-     [--cases none,same,distinct,same/no-reserve,distinct/no-reserve]
+     [--cases none,same,distinct,hot,hot/no-reserve,distinct/no-reserve]
 """
 
 from __future__ import annotations
@@ -86,12 +88,20 @@ class CountingSink:
         return 0
 
 
-def writer(uri: str, database: str, boards: int, per_board: int, rate: int, seconds: float) -> None:
-    """The child process: `rate` writes/s in batches every 0.1 s."""
+def writer(
+    uri: str, database: str, boards: int, per_board: int, rate: int, seconds: float, hot: bool
+) -> None:
+    """The child process: `rate` writes/s in batches every 0.1 s; with `hot`, all of them to
+    board 0's documents."""
     collection = MongoClient(uri)[database]["game_scores"]
     rng = random.Random(7)
     batch = max(1, rate // 10)
     next_id = boards * per_board
+    board_zero = [k * boards for k in range(per_board)]  # ids with n % boards == 0
+
+    def target() -> int:
+        return rng.choice(board_zero) if hot else rng.randrange(next_id)
+
     deadline = time.monotonic() + seconds
     tick = time.monotonic()
     written = 0
@@ -100,15 +110,16 @@ def writer(uri: str, database: str, boards: int, per_board: int, rate: int, seco
         for _ in range(batch):
             roll = rng.random()
             if roll < 0.8:
-                target = rng.randrange(next_id)
-                operations.append(UpdateOne({"_id": target}, {"$set": {"score": rng.random()}}))
+                operations.append(UpdateOne({"_id": target()}, {"$set": {"score": rng.random()}}))
             elif roll < 0.9:
-                operations.append(DeleteOne({"_id": rng.randrange(next_id)}))
+                operations.append(DeleteOne({"_id": target()}))
             else:
-                board = rng.randrange(boards)
+                board = 0 if hot else rng.randrange(boards)
                 operations.append(
                     InsertOne({"_id": next_id, "board": board, "score": rng.random()})
                 )
+                if hot:
+                    board_zero.append(next_id)
                 next_id += 1
         collection.bulk_write(operations, ordered=False)
         written += len(operations)
@@ -184,6 +195,8 @@ async def run_case(
         }
         if case.startswith("distinct"):
             message["filter"] = {"board": n}
+        elif case.startswith("hot"):
+            message["filter"] = {"board": 0}
         outcome = router.subscribe(connection, message)
         if outcome is not None:
             await outcome
@@ -209,6 +222,7 @@ async def run_case(
             str(per_board),
             str(rate),
             str(seconds),
+            "hot" if case.startswith("hot") else "spread",
         ],
     )
     while process.poll() is None:
@@ -252,15 +266,17 @@ async def _quiet(
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--writer":
-        uri, database, boards, per_board, rate, seconds = sys.argv[2:8]
-        writer(uri, database, int(boards), int(per_board), int(rate), float(seconds))
+        uri, database, boards, per_board, rate, seconds, where = sys.argv[2:9]
+        writer(
+            uri, database, int(boards), int(per_board), int(rate), float(seconds), where == "hot"
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--per-board", type=int, default=DOCUMENTS_PER_BOARD)
-    parser.add_argument("--cases", default="none,same,distinct")
+    parser.add_argument("--cases", default="none,same,distinct,hot")
     args = parser.parse_args()
     rows = []
     results = []

@@ -125,7 +125,7 @@ class _WindowsCollector(Collector):
         queries.add_metric(["refill"], stats.refill_queries)
         departures = CounterMetricFamily(
             "mdb_realtime_window_departures",
-            "Documents a change took out of a live window",
+            "Members that left a live window by a change of their own",
         )
         departures.add_metric([], stats.departures)
         yield from (kept, queries, departures)

@@ -131,3 +131,14 @@ def test_a_reserve_saves_the_queries_of_departures() -> None:
         assert changes[0] == WindowChange("delete", None, n, None)
         assert [d["_id"] for d in state.ordered()] == [n + 1, n + 2, n + 3]
     assert refills == 2  # the 4th and 8th departures leave the window short
+    assert state.departures == 10
+    # Moving inside the window is no departure; moving past its end is one, and the
+    # document pushed out by one that enters is none either (its place is taken at once).
+    database[11]["k"] = 10.5
+    state.apply(event("update", 11, database[11]))
+    database[12]["k"] = 99
+    state.apply(event("update", 12, database[12]))
+    database[15]["k"] = -1
+    state.apply(event("update", 15, database[15]))
+    assert [d["_id"] for d in state.ordered()] == [15, 10, 11]
+    assert state.departures == 11

@@ -44,7 +44,7 @@ WindowQuery = Callable[
 class WindowStats:
     load_queries: int = 0
     refill_queries: int = 0
-    departures: int = 0  # members a change took out of a window (deleted, moved, pushed out)
+    departures: int = 0  # places that emptied: see `WindowState.departures`
     frames_encoded: int = 0
 
 
@@ -205,9 +205,9 @@ class Windows:
         changes = [] if changes is None else changes
         for position, event in enumerate(events):
             last = event
-            applied = group.state.apply(event)
-            self.stats.departures += sum(change.operation == "delete" for change in applied)
-            changes.extend(applied)
+            departures = group.state.departures
+            changes.extend(group.state.apply(event))
+            self.stats.departures += group.state.departures - departures
             if group.state.needs_refill:
                 loop = asyncio.get_running_loop()
                 group.busy = loop.create_future()

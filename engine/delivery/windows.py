@@ -102,6 +102,9 @@ class WindowState:
     entries: list[tuple[Any, Hashable]] = field(default_factory=list)  # (sort key, id key)
     documents: dict[Hashable, Mapping[str, Any]] = field(default_factory=dict)
     limbo: dict[Hashable, Mapping[str, Any]] = field(default_factory=dict)
+    # Members that left by a change of their own (deleted, no longer matching, moved past the
+    # window's end): the places that emptied, which the reserve or a refill fills.
+    departures: int = 0
     _key: Callable[[Mapping[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
@@ -174,11 +177,14 @@ class WindowState:
     ) -> list[WindowChange]:
         was_shown = self._remove(key) < self.limit
         left = WindowChange("delete", LEFT_WINDOW, event.document_id, None)
+        if was_shown:
+            self.departures += 1  # taken back below if it stays in the window
         if document is None:
             return [self._gone(event), *self._promote()] if was_shown else []
         if self._belongs(document, key):
             shown = self._insert(document) < self.limit
             if was_shown and shown:
+                self.departures -= 1
                 return [WindowChange("update", None, event.document_id, document)]
             if was_shown:  # down into the reserve: the reserve's first takes its place
                 return [left, *self._promote()]
