@@ -20,8 +20,8 @@ Cases, side by side in one run:
 - `none`: no clients, so the engine only reads and routes the changes: the base cost of a
   change, before any window.
 - `<case>/no-reserve` (not run unless asked for in `--cases`): the
-  same, with windows that keep no reserve (`MAX_RESERVE = 0` instead of the engine's 100),
-  to show what the reserve saves.
+  same, with windows that keep no reserve (`MDB_REALTIME_WINDOW_RESERVE=0` instead of the
+  default 100), to show what the reserve saves.
 
 Reported per case: writes/s the database took, changes routed, the seconds the 1,000
 subscriptions took (their loads), server CPU per change (this process: watcher, routing,
@@ -49,13 +49,13 @@ from pymongo import AsyncMongoClient, DeleteOne, InsertOne, MongoClient, UpdateO
 
 from bench import harness
 from engine.auth import Principal
-from engine.delivery import windows as windows_module
 from engine.delivery.router import Router
 from engine.delivery.window_groups import Windows
 from engine.delivery.windows import SortSpec
 from engine.hub import WebSocketConnection
 from engine.manifest import parse_manifest
 from engine.recovery import find_window
+from engine.settings import EngineSettings
 from engine.transactions import Unit, events_of
 from engine.watcher import Watcher, enable_pre_images
 
@@ -159,8 +159,13 @@ async def run_case(
             queries["running"] -= 1
 
     watcher_holder: list[Watcher] = []
+    settings = EngineSettings.from_env(
+        {"MDB_REALTIME_WINDOW_RESERVE": "0"} if case.endswith("/no-reserve") else {}
+    )
     router.windows = Windows(
-        window_documents, lambda _b: watcher_holder[0].position if watcher_holder else None
+        window_documents,
+        lambda _b: watcher_holder[0].position if watcher_holder else None,
+        settings.window_reserve,
     )
     changes = {"count": 0}
 
@@ -280,10 +285,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     results = []
-    default_reserve = windows_module.MAX_RESERVE
     with harness.workspace() as workdir, harness.database(workdir, needed=True) as uri:
         for case in args.cases.split(","):
-            windows_module.MAX_RESERVE = 0 if case.endswith("/no-reserve") else default_reserve
             result = asyncio.run(
                 run_case(
                     uri,

@@ -85,6 +85,7 @@ class MongoDBEngine:
             self._watchers,
             self._binding_collection,
             snapshot_limit=self.settings.snapshot_limit,
+            window_reserve=self.settings.window_reserve,
         )
         self.router.snapshots = self.recovery.snapshot
         self.metrics.add_windows(self.recovery.windows)

@@ -20,7 +20,7 @@ from engine.changes import project
 from engine.delivery.router import Router
 from engine.delivery.view import Binding, Subscription, View
 from engine.delivery.window_groups import Windows
-from engine.delivery.windows import SortSpec
+from engine.delivery.windows import MAX_RESERVE, SortSpec
 from engine.history import History
 from engine.hub import WebSocketConnection
 from engine.protocol import ErrorCode, error_message
@@ -60,6 +60,7 @@ class Recovery:
         watchers: Mapping[str, Watcher],
         collection_of: Callable[[Binding], AsyncCollection[dict[str, Any]]],
         snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT,
+        window_reserve: int = MAX_RESERVE,
         on_resume: Callable[[str], None] | None = None,
     ) -> None:
         self.router = router
@@ -68,7 +69,9 @@ class Recovery:
         self.collection_of = collection_of
         self.snapshot_limit = snapshot_limit
         self.on_resume = on_resume or (lambda _source: None)
-        self.windows = router.windows = Windows(self._window_documents, self._position_of)
+        self.windows = router.windows = Windows(
+            self._window_documents, self._position_of, window_reserve
+        )
 
     def _position_of(self, binding: Binding) -> str | None:
         watcher = self.watchers.get(binding.database)

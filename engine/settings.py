@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.bus import DEFAULT_BUS_TTL_SECONDS
+from engine.delivery.windows import MAX_RESERVE
 from engine.endpoint import DEFAULT_MAX_MESSAGE_BYTES, EndpointSettings
 from engine.history import DEFAULT_HISTORY_EVENTS
 from engine.hub import QueueLimits
@@ -71,6 +72,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -113,6 +121,7 @@ class EngineSettings:
     queue_limits: QueueLimits = field(default_factory=QueueLimits)
     history_events: int = DEFAULT_HISTORY_EVENTS  # recent events kept in memory for resumes
     snapshot_limit: int = DEFAULT_SNAPSHOT_LIMIT  # documents in one snapshot at most
+    window_reserve: int = MAX_RESERVE  # documents kept beyond each live window at most
     bus_ttl_seconds: int = DEFAULT_BUS_TTL_SECONDS  # how long broadcasts stay for resumes
     client_limits: ClientLimits = field(default_factory=ClientLimits)
     provider: ProviderConfig = field(default_factory=ProviderConfig)  # tokens from a JWKS URL
@@ -151,6 +160,7 @@ class EngineSettings:
             ),
             history_events=_int(env, "MDB_REALTIME_HISTORY_EVENTS", DEFAULT_HISTORY_EVENTS),
             snapshot_limit=_int(env, "MDB_REALTIME_SNAPSHOT_MAX_DOCUMENTS", DEFAULT_SNAPSHOT_LIMIT),
+            window_reserve=_count(env, "MDB_REALTIME_WINDOW_RESERVE", MAX_RESERVE),
             provider=provider_from_env(env),
             jwks_timing=JwksTiming(
                 min_refetch_seconds=_float(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.changes import ChangeEvent
 from engine.delivery.view import id_key
-from engine.delivery.windows import WindowChange, WindowState, sort_key
+from engine.delivery.windows import MAX_RESERVE, WindowChange, WindowState, sort_key
+from engine.settings import EngineSettings
 
 SLOTS = 14
 SORTS = [(("k", 1), ("_id", 1)), (("k", -1), ("_id", 1)), (("j", -1), ("k", 1), ("_id", 1))]
@@ -142,3 +144,12 @@ def test_a_reserve_saves_the_queries_of_departures() -> None:
     state.apply(event("update", 15, database[15]))
     assert [d["_id"] for d in state.ordered()] == [15, 10, 11]
     assert state.departures == 11
+
+
+def test_the_reserve_is_a_setting_and_a_bad_one_is_a_clear_error() -> None:
+    assert EngineSettings.from_env({}).window_reserve == MAX_RESERVE
+    assert EngineSettings.from_env({"MDB_REALTIME_WINDOW_RESERVE": "0"}).window_reserve == 0
+    with pytest.raises(ValueError, match="MDB_REALTIME_WINDOW_RESERVE must be 0 or more"):
+        EngineSettings.from_env({"MDB_REALTIME_WINDOW_RESERVE": "-1"})
+    with pytest.raises(ValueError, match="MDB_REALTIME_WINDOW_RESERVE must be an integer"):
+        EngineSettings.from_env({"MDB_REALTIME_WINDOW_RESERVE": "many"})

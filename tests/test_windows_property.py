@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
@@ -23,9 +25,10 @@ from pymongo.errors import DuplicateKeyError
 from websockets.asyncio.client import ClientConnection
 
 from engine.localview import LocalView
-from tests.conftest import RunningApp
+from tests.conftest import CHANGE_MANIFESTS, RunningApp, start_app_server
 from tests.support import receive_json
 from tests.test_resume import open_ws
+from tests.test_windows import window_queries
 
 MISSING = "<missing>"
 SORT_VALUES = st.one_of(st.integers(-2, 2), st.sampled_from(["a", "b", MISSING, True]), st.none())
@@ -47,11 +50,12 @@ operation = st.one_of(
     st.tuples(st.just("delete"), st.integers(0, SLOTS - 1), st.none()),
 )
 step = st.one_of(operation.map(lambda op: [op]), st.lists(operation, min_size=2, max_size=4))
+window_sorts = st.sampled_from(
+    [{"k": 1}, {"k": -1}, {"k": 1, "j": -1}, {"j": -1, "k": 1}, {"grp": 1, "k": -1}]
+)
 window = st.fixed_dictionaries(
     {
-        "sort": st.sampled_from(
-            [{"k": 1}, {"k": -1}, {"k": 1, "j": -1}, {"j": -1, "k": 1}, {"grp": 1, "k": -1}]
-        ),
+        "sort": window_sorts,
         "limit": st.integers(1, 3),
         "by_group": st.booleans(),
     }
@@ -167,16 +171,34 @@ async def scenario(
         await client.close()
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(
+@pytest.fixture(scope="module")
+def no_reserve_app(
+    mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    """The change app with windows that keep no document beyond them: every departure makes
+    a refill query, so those run under concurrent writes too."""
+    folder = tmp_path_factory.mktemp("no_reserve_app")
+    running = start_app_server(mongo_uri, folder, CHANGE_MANIFESTS, MDB_REALTIME_WINDOW_RESERVE="0")
+    try:
+        yield running
+    finally:
+        running.server.stop()
+
+
+scenarios = given(
     initial=st.lists(document, max_size=SLOTS - 2),
     spec=window,
     steps=st.lists(step, min_size=1, max_size=10),
 )
+examples = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@examples
+@scenarios
 def test_a_window_is_always_the_query_it_stands_for(
     change_app: RunningApp,
     initial: list[dict[str, Any]],
@@ -184,3 +206,63 @@ def test_a_window_is_always_the_query_it_stands_for(
     steps: list[list[tuple[Any, ...]]],
 ) -> None:
     asyncio.run(scenario(change_app, initial, spec, steps))
+
+
+# Many matching documents beyond a small window, and writes that take its members away.
+draining = st.one_of(
+    st.tuples(st.just("delete"), st.integers(0, SLOTS - 1), st.none()),
+    st.tuples(st.just("update"), st.integers(0, SLOTS - 1), st.tuples(st.just("k"), SORT_VALUES)),
+    operation,
+)
+draining_window = st.fixed_dictionaries(
+    {"sort": window_sorts, "limit": st.integers(1, 2), "by_group": st.just(False)}
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    initial=st.lists(document, min_size=SLOTS // 2, max_size=SLOTS - 2),
+    spec=draining_window,
+    steps=st.lists(
+        st.one_of(draining.map(lambda op: [op]), st.lists(draining, min_size=2, max_size=4)),
+        min_size=3,
+        max_size=12,
+    ),
+)
+def test_a_window_without_reserve_is_always_the_query_it_stands_for(
+    no_reserve_app: RunningApp,
+    initial: list[dict[str, Any]],
+    spec: dict[str, Any],
+    steps: list[list[tuple[Any, ...]]],
+) -> None:
+    asyncio.run(scenario(no_reserve_app, initial, spec, steps))
+
+
+async def test_without_a_reserve_each_departure_asks_the_database(
+    no_reserve_app: RunningApp,
+) -> None:
+    """`MDB_REALTIME_WINDOW_RESERVE=0` reaches the windows: the first departure refills."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(no_reserve_app.mongo_uri)
+    plain = client[no_reserve_app.db_name]["shop_plain"]
+    tag = uuid.uuid4().hex
+    await plain.insert_many(
+        [{"_id": f"{tag}-{n}", "tag": tag, "owner_id": "ann", "k": n} for n in range(4)]
+    )
+    ws = await open_ws(no_reserve_app)
+    view = LocalView()
+    try:
+        request = {"type": "subscribe", "id": "w", "collection": "plain", "filter": {"tag": tag}}
+        await ws.send(json.dumps(request | {"sort": {"k": 1}, "limit": 2}))
+        view.apply(await next_window_frame(ws, 10))
+        before = await window_queries(no_reserve_app)
+        await plain.delete_one({"_id": f"{tag}-0"})
+        view.apply(await next_window_frame(ws, 10))
+        assert [d["_id"] for d in view.window("w") or []] == [f"{tag}-1", f"{tag}-2"]
+        assert (await window_queries(no_reserve_app))["refill"] == before["refill"] + 1
+    finally:
+        await ws.close()
+        await client.close()

@@ -23,7 +23,7 @@ from engine import codec
 from engine.changes import ChangeEvent, Fields, cluster_time_iso, project
 from engine.delivery.view import Binding, Subscription, View
 from engine.delivery.window_index import WindowIndex
-from engine.delivery.windows import SortSpec, WindowChange, WindowState
+from engine.delivery.windows import MAX_RESERVE, SortSpec, WindowChange, WindowState
 from engine.protocol import ErrorCode, error_message
 from engine.query import Matcher, conjunction
 from engine.transactions import transaction_message
@@ -108,9 +108,15 @@ class WindowGroup:
 class Windows:
     """Every live window of the process, by binding."""
 
-    def __init__(self, query: WindowQuery, position: Callable[[Binding], str | None]) -> None:
+    def __init__(
+        self,
+        query: WindowQuery,
+        position: Callable[[Binding], str | None],
+        max_reserve: int = MAX_RESERVE,
+    ) -> None:
         self._query = query
         self._position = position
+        self.max_reserve = max_reserve  # documents kept beyond each window at most
         self._groups: dict[Hashable, WindowGroup] = {}
         self._by_binding: dict[Binding, WindowIndex] = {}
         self._of_connection: dict[int, dict[Hashable, Hashable]] = {}  # sub id -> group key
@@ -292,7 +298,7 @@ class Windows:
             binding=binding,
             query=query,
             fields=fields,
-            state=WindowState(spec, limit, matcher),
+            state=WindowState(spec, limit, matcher, reserve=min(limit, self.max_reserve)),
         )
         group.busy = asyncio.get_running_loop().create_future()
         self._groups[key] = group

@@ -29,7 +29,8 @@ from engine.query import compare_values, sort_value
 LEFT_WINDOW = "left_window"
 ENTERED_WINDOW = "entered_window"
 MAX_WINDOW_LIMIT = 1000
-MAX_RESERVE = 100  # documents kept beyond a window, so most departures need no query
+# Documents kept beyond a window at most (the default), so most departures need no query.
+MAX_RESERVE = 100
 
 SortSpec = tuple[tuple[str, int], ...]  # (path, 1 | -1), ending with ("_id", ...) always
 
