@@ -242,11 +242,7 @@ draining_window = st.fixed_dictionaries(
 )
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(examples, max_examples=100)
 @given(
     initial=st.lists(document, min_size=SLOTS // 2, max_size=SLOTS - 2),
     spec=draining_window,
